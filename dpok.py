@@ -98,9 +98,8 @@ TINY_DEFAULTS = dict(
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the usage too)
-        print(f"dpok: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    def error(self, message):  # one line, like every other bad input (argparse adds the usage)
+        raise UsageError(message)
 
 
 def parse_args(argv=None):

@@ -1,0 +1,354 @@
+"""The specification of dpok.py, one claim per test, each checked against an independent reference
+(diffusers' scheduler and pipeline, torch.distributions, a full-batch gradient) or a direction.
+
+Run: python -m pytest -q test_dpok.py
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+import dpok
+
+PROMPT = "a green colored rabbit"
+
+
+def sd_scheduler(steps=10, **overrides):
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(**{**config, **overrides})
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def tiny_args(*extra, out):
+    return dpok.parse_args(["--tiny", "--prompt", PROMPT, "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny pipeline with fresh LoRA adapters (the untouched fine-tuned model)."""
+    args = tiny_args(out="unused")
+    pipe = dpok.load_pipeline(args)
+    params = dpok.add_lora(pipe.unet, args.lora_rank)
+    cond, uncond = dpok.encode_prompts(pipe, [PROMPT])
+    return pipe, params, cond, uncond, args
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler (PAPER.md Sec. 1)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_sampler_equals_diffusers_ddim_step_at_every_step(set_alpha_to_one, eta):
+    scheduler = sd_scheduler(set_alpha_to_one=set_alpha_to_one)
+    gen = torch.Generator().manual_seed(0)
+    for t in scheduler.timesteps:  # the last step uses the final alpha: DDPO's bug would fail here
+        sample, eps = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+        noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(int(t)))
+        ours, _ = dpok.ddim_step_logprob(scheduler, eps, t, sample, eta,
+                                         generator=torch.Generator().manual_seed(int(t)))
+        ref = scheduler.step(eps, t, sample, eta=eta, variance_noise=noise).prev_sample
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_log_prob_equals_torch_normal_mean_over_dims():
+    scheduler = sd_scheduler()
+    gen = torch.Generator().manual_seed(1)
+    for t in scheduler.timesteps:
+        sample, eps = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+        prev = torch.randn(2, 4, 8, 8, generator=gen)
+        mu = scheduler.step(eps, t, sample, eta=1.0, variance_noise=torch.zeros_like(sample))
+        sigma = dpok.ddim_sigma(scheduler, t, 1.0)
+        ref = torch.distributions.Normal(mu.prev_sample, sigma).log_prob(prev).mean(dim=(1, 2, 3))
+        _, ours = dpok.ddim_step_logprob(scheduler, eps, t, sample, 1.0, prev_sample=prev)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_per_sample_timesteps_score_like_one_timestep_at_a_time():
+    scheduler = sd_scheduler()
+    ts = scheduler.timesteps[[0, 4, 9]]
+    gen = torch.Generator().manual_seed(2)
+    sample, eps, prev = (torch.randn(3, 4, 8, 8, generator=gen) for _ in range(3))
+    _, batched = dpok.ddim_step_logprob(scheduler, eps, ts, sample, 1.0, prev_sample=prev)
+    single = [dpok.ddim_step_logprob(scheduler, eps[i:i + 1], ts[i], sample[i:i + 1], 1.0,
+                                     prev_sample=prev[i:i + 1])[1] for i in range(3)]
+    torch.testing.assert_close(batched, torch.cat(single))
+
+
+def test_deterministic_final_step_has_no_log_prob_and_is_not_stored(tiny):
+    pipe, _, cond, uncond, args = tiny
+    scheduler = sd_scheduler(set_alpha_to_one=True)
+    last = scheduler.timesteps[-1]
+    assert dpok.ddim_sigma(scheduler, last, 1.0).item() == 0
+    x = torch.randn(2, 4, 8, 8)
+    prev, log_prob = dpok.ddim_step_logprob(scheduler, torch.randn_like(x), last, x, 1.0)
+    assert torch.isfinite(prev).all() and torch.equal(log_prob, torch.zeros(2))
+    original = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        transitions, images = dpok.rollout(pipe, cond, uncond, torch.zeros(2, dtype=torch.long),
+                                           args, torch.Generator().manual_seed(0))
+    finally:
+        pipe.scheduler = original
+    assert len(transitions["log_prob"]) == 2 * (args.steps - 1)
+    assert last not in transitions["timesteps"]
+    assert torch.isfinite(transitions["log_prob"]).all()
+
+
+def test_rollout_images_equal_diffusers_pipeline_call(tiny):
+    """Same noise, same guidance, same DDIM steps: our sampler is the pipeline plus log-probs."""
+    pipe, _, cond, uncond, args = tiny
+    _, ours = dpok.rollout(pipe, cond, uncond, torch.zeros(3, dtype=torch.long), args,
+                           torch.Generator().manual_seed(7))
+    ref = pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=args.steps,
+               guidance_scale=args.guidance, eta=args.eta, output_type="pt",
+               generator=torch.Generator().manual_seed(7)).images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_importance_ratio_is_one_before_the_first_update(tiny):
+    pipe, _, cond, uncond, args = tiny
+    transitions, _ = dpok.rollout(pipe, cond, uncond, torch.zeros(4, dtype=torch.long), args,
+                                  torch.Generator().manual_seed(3))
+    idx = torch.randperm(len(transitions["log_prob"]))[:12]  # other batch shapes than the rollout's
+    batch = {k: v[idx] for k, v in transitions.items()}
+    with torch.no_grad():
+        eps = dpok.guided_eps(pipe.unet, batch["latents"], batch["timesteps"], cond[batch["prompt_index"]],
+                              uncond, args.guidance)
+        _, log_prob = dpok.ddim_step_logprob(pipe.scheduler, eps, batch["timesteps"], batch["latents"],
+                                             args.eta, prev_sample=batch["next_latents"])
+    ratio = torch.exp(log_prob - batch["log_prob"])
+    assert (ratio - 1).abs().max() < 1e-5  # far below any clip, the official 1e-4 included
+
+
+# ---------------------------------------------------------------------------------------------
+# KL regulariser (paper Sec. 4)
+
+
+def test_kl_regulariser_is_zero_for_the_untouched_model(tiny):
+    pipe, _, cond, uncond, args = tiny
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([981, 501, 1])
+    with torch.no_grad():
+        eps = dpok.guided_eps(pipe.unet, x, t, cond.expand(3, -1, -1), uncond, args.guidance)
+    eps_pre = dpok.pretrained_eps(pipe.unet, x, t, cond.expand(3, -1, -1), uncond, args.guidance)
+    assert torch.equal(dpok.kl_regulariser(eps, eps_pre), torch.zeros(3))
+    assert eps.abs().mean() > 0.01  # not trivially zero
+
+
+def test_eps_kl_times_step_weight_is_the_gaussian_kl():
+    scheduler = sd_scheduler()
+    gen = torch.Generator().manual_seed(4)
+    for t in scheduler.timesteps:
+        x, eps, eps_pre = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+        zero = torch.zeros_like(x)
+        mu = scheduler.step(eps, t, x, eta=1.0, variance_noise=zero).prev_sample
+        mu_pre = scheduler.step(eps_pre, t, x, eta=1.0, variance_noise=zero).prev_sample
+        sigma = dpok.ddim_sigma(scheduler, t, 1.0)
+        exact = torch.distributions.kl_divergence(torch.distributions.Normal(mu, sigma),
+                                                  torch.distributions.Normal(mu_pre, sigma))
+        ours = dpok.kl_step_weight(scheduler, t, 1.0) * dpok.kl_regulariser(eps, eps_pre)
+        torch.testing.assert_close(ours, exact.mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy gradient (paper Sec. 4; official train_online_pg.py)
+
+
+def fake_batch(pipe, cond, uncond, args, n, seed):
+    transitions, _ = dpok.rollout(pipe, cond, uncond, torch.zeros(n // args.steps + 1, dtype=torch.long),
+                                  args, torch.Generator().manual_seed(seed))
+    batch = {k: v[:n] for k, v in transitions.items()}
+    batch["reward"] = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    return batch
+
+
+def lora_grads(params):
+    return [p.grad.clone() for p in params]
+
+
+def test_accumulated_gradient_equals_full_batch_gradient(tiny):
+    pipe, params, cond, uncond, args = tiny
+    with torch.no_grad():  # move off the pretrained point so the KL term has a gradient too
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    try:
+        batch = fake_batch(pipe, cond, uncond, args, 8, seed=5)
+        grads = {}
+        for batch_size in (8, 3):  # 3 does not divide 8: uneven micro-batches
+            for p in params:
+                p.grad = None
+            micro = tiny_args("--batch-size", str(batch_size), "--kl-beta", "0.5", out="unused")
+            dpok.accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond, uncond, None, micro)
+            grads[batch_size] = lora_grads(params)
+        for full, accumulated in zip(grads[8], grads[3]):
+            # float32 summation order only: 1e-4 of the gradient's scale (a wrong weighting of the
+            # uneven micro-batches is off by ~10%)
+            torch.testing.assert_close(accumulated, full, rtol=1e-4, atol=1e-4 * full.abs().max())
+        assert sum(g.abs().sum() for g in grads[8]) > 0
+    finally:
+        for p in params:
+            p.grad = None
+        for name, module in pipe.unet.named_modules():
+            if hasattr(module, "reset_lora_parameters"):
+                module.reset_lora_parameters("default", "gaussian")
+
+
+def test_only_lora_weights_receive_gradients(tiny):
+    pipe, params, cond, uncond, args = tiny
+    batch = fake_batch(pipe, cond, uncond, args, 4, seed=6)
+    dpok.accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond, uncond, None, args)
+    with_grad = {n for n, p in pipe.unet.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora" in n for n in with_grad)
+    assert len(with_grad) == len(params)
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+    for p in params:
+        p.grad = None
+
+
+def test_positive_advantage_raises_the_log_prob_of_its_action(tiny):
+    """Direction of the policy gradient: one step on a transition with A > 0 makes it likelier."""
+    pipe, params, cond, uncond, args = tiny
+    batch = fake_batch(pipe, cond, uncond, args, 4, seed=8)
+    batch["reward"] = torch.ones(4)
+    snapshot = [p.detach().clone() for p in params]
+    run = tiny_args("--kl-beta", "0", out="unused")
+    dpok.accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond, uncond, None, run)
+    with torch.no_grad():
+        for p in params:
+            p.sub_(1e-3 * p.grad)
+            p.grad = None
+        eps = dpok.guided_eps(pipe.unet, batch["latents"], batch["timesteps"], cond.expand(4, -1, -1),
+                              uncond, args.guidance)
+        _, new = dpok.ddim_step_logprob(pipe.scheduler, eps, batch["timesteps"], batch["latents"],
+                                        args.eta, prev_sample=batch["next_latents"])
+        for p, old in zip(params, snapshot):
+            p.copy_(old)
+    assert (new - batch["log_prob"]).mean() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards
+
+
+def test_color_reward_prefers_the_prompt_colour():
+    green, red = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    green[:, 1], red[:, 0] = 1.0, 1.0
+    assert dpok.color_reward(green, [PROMPT]).item() == pytest.approx(1.0)
+    assert dpok.color_reward(red, [PROMPT]).item() == pytest.approx(-0.5)
+    assert dpok.color_reward(red, ["A red car."]).item() == pytest.approx(1.0)
+
+
+def test_compressibility_reward_prefers_flat_images():
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    noisy = torch.rand((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert dpok.compressibility_reward(flat, [""]) > dpok.compressibility_reward(noisy, [""])
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on the tiny world: learning, the beta trade-off, outputs.
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two seeded 40-iteration runs that differ only in beta (about 45 s each on 2 cores)."""
+    out = {}
+    for beta in ("0.01", "10"):
+        path = tmp_path_factory.mktemp(f"beta{beta}")
+        history = dpok.train(tiny_args("--iterations", "40", "--kl-beta", beta, out=path / "run"))
+        out[beta] = (history, path / "run")
+    return out
+
+
+def test_tiny_run_raises_the_reward(runs):
+    history, _ = runs["0.01"]
+    rewards = [m["reward_mean"] for m in history]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-10:]) / 10
+    assert last > first + 0.015, (first, last)
+
+
+def test_larger_kl_beta_ends_with_smaller_kl(runs):
+    kl = {beta: sum(m["kl"] for m in h[-10:]) / 10 for beta, (h, _) in runs.items()}
+    assert kl["10"] < kl["0.01"] / 10, kl
+
+
+def test_outputs_metrics_grids_and_loadable_lora(runs):
+    history, out = runs["0.01"]
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert len(lines) == 40 and lines == history
+    for key in ("iteration", "reward_mean", "reward_std", "kl", "loss", "ratio", "grad_norm",
+                "value_loss", "seconds", "clipfrac"):
+        assert key in lines[0]
+    assert (out / "samples_00000.png").exists() and (out / "samples_00039.png").exists()
+    # The saved LoRA reproduces the trained model in a fresh pipeline through diffusers' loader.
+    trained = dpok.tiny_pipeline(seed=0)
+    trained.load_lora_weights(str(out))
+    fresh = dpok.tiny_pipeline(seed=0)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    emb = torch.randn(2, 77, 32)
+    with torch.no_grad():
+        changed = (trained.unet(x, t, emb).sample - fresh.unet(x, t, emb).sample).abs().max()
+    assert changed > 1e-4
+
+
+def test_summary_is_the_last_line(runs, capsys, tmp_path):
+    dpok.main(["--tiny", "--prompt", PROMPT, "--out", str(tmp_path / "r"), "--iterations", "2"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("dpok: reward ") and "->" in out[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit code 2, nothing written.
+
+BAD_INPUTS = [
+    (["--prompt", "  "], "--prompt is empty"),
+    ([], "exactly one of --prompt"),
+    (["--prompt", PROMPT, "--prompts", "prompts.txt"], "exactly one of --prompt"),
+    (["--prompts", "no-such-file.txt"], "prompts file not found"),
+    (["--prompt", PROMPT, "--kl-beta", "-1"], "--kl-beta must be a finite number"),
+    (["--prompt", PROMPT, "--kl-beta", "nan"], "--kl-beta must be a finite number"),
+    (["--prompt", PROMPT, "--steps", "0"], "--steps must be positive"),
+    (["--prompt", PROMPT, "--batch-size", "-4"], "--batch-size must be positive"),
+    (["--prompt", PROMPT, "--iterations", "0"], "--iterations must be positive"),
+    (["--prompt", PROMPT, "--eta", "0"], "--eta 0 makes DDIM deterministic"),
+    (["--prompt", PROMPT, "--batch-size", "400"], "exceeds --buffer-size"),
+    (["--prompt", PROMPT, "--reward", "aesthetic"], "unknown --reward"),
+    (["--prompt", PROMPT, "--device", "tpu"], "--device"),
+    (["--prompt", PROMPT, "--device", "cpu", "--dtype", "float16"], "float16 is not supported on CPU"),
+    (["--prompt", PROMPT, "--dtype", "int8"], "unknown --dtype"),
+    (["--prompt", "a rabbit"], "needs a colour word"),
+    (["--prompt", PROMPT, "--steps", "ten"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert dpok.main(["--tiny", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dpok: error:") and message in err[0], err
+    assert not out.exists()
+
+
+def test_unreadable_prompts_files_are_rejected(tmp_path, capsys):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_text("\n  \n")
+    binary.write_bytes("a gr\xfcn rabbit\n".encode("latin-1"))
+    for path, message in ((empty, "has no prompts"), (binary, "not UTF-8")):
+        assert dpok.main(["--tiny", "--prompts", str(path), "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_offline_says_use_tiny(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--prompt", PROMPT, "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o")]
+    assert dpok.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tiny" in err[0] and "cannot load model" in err[0]
+    assert not (tmp_path / "o").exists()
