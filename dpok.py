@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -81,6 +82,9 @@ class Args:
     seed: int = opt(0, "seed of everything")
     out: str = opt("dpok-out", "output folder")
     grid_every: int = opt(10, "save a PNG grid of the rollout every N iterations")
+    save_every: int = opt(50, "checkpoint (LoRA, optimizers, buffer, RNG) every N iterations")
+    resume: bool = opt(False, "continue from the checkpoint in --out")
+    overwrite: bool = opt(False, "replace a previous run in --out")
     device: str = opt(None, "cpu | cuda | cuda:N (default: cuda if available)")
     dtype: str = opt(None, "float32 | bfloat16 | float16 (default: bfloat16 on GPU, float32 on CPU)")
 
@@ -93,7 +97,7 @@ class Args:
 TINY_DEFAULTS = dict(
     reward="color", steps=10, guidance=3.0, samples_per_iter=8, buffer_size=160,
     policy_steps=2, grad_accum=2, batch_size=16, lr=3e-3, ratio_clip=0.2, reward_alpha=500.0,
-    value_steps=10, value_batch_size=128, value_lr=1e-3, iterations=100, grid_every=10,
+    value_steps=10, value_batch_size=128, value_lr=1e-3, iterations=100, grid_every=10, save_every=25,
 )
 
 
@@ -126,7 +130,7 @@ def check_args(args):
         bad("--prompt is empty")
     for name in ("steps", "samples_per_iter", "buffer_size", "policy_steps", "grad_accum",
                  "batch_size", "iterations", "lora_rank", "value_steps", "value_batch_size",
-                 "grid_every"):
+                 "grid_every", "save_every"):
         if getattr(args, name) <= 0:
             bad(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("guidance", "eta", "lr", "clip_norm", "reward_alpha", "kl_beta", "ratio_clip",
@@ -556,31 +560,85 @@ def sample_batch(buffer, size, generator):
 
 
 def save_lora(unet, out):
-    """LoRA weights in diffusers' format: StableDiffusionPipeline.load_lora_weights(out) loads them."""
+    """LoRA weights in diffusers' format: StableDiffusionPipeline.load_lora_weights(out) loads them.
+    Written to a temporary folder and renamed, so a crash never leaves a half-written file."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+
+
+class TrainingStopped(Exception):
+    """The run stopped on purpose (signal: exit 128 + signum) or on a non-finite value (exit 1)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+# Flags that do not change the algorithm: a resumed run may change them.
+RESUMABLE = {"iterations", "out", "resume", "overwrite", "save_every", "grid_every", "device"}
+OUTPUTS = ("metrics.jsonl", "checkpoint.pt", "pytorch_lora_weights.safetensors", "samples_",
+           "reward_curve.png")
 
 
 def check_out(args):
     """Fail on an unusable --out before any work, and write nothing there on bad input."""
-    if os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-        raise UsageError(f"--out {args.out} holds a previous run; choose another folder")
+    checkpoint = os.path.join(args.out, "checkpoint.pt")
+    previous = os.path.exists(os.path.join(args.out, "metrics.jsonl")) or os.path.exists(checkpoint)
+    if args.resume and not os.path.exists(checkpoint):
+        raise UsageError(f"--resume: no checkpoint.pt in {args.out}")
+    if previous and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {args.out} holds a previous run; add --resume to continue it or "
+                         "--overwrite to replace it")
     parent = os.path.abspath(args.out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UsageError(f"--out {args.out} is not a writable folder")
+    if args.resume:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        for name, value in saved["args"].items():
+            if name not in RESUMABLE and getattr(args, name) != value:
+                raise UsageError(f"--resume: --{name.replace('_', '-')} was {value!r} in the "
+                                 f"checkpoint, now {getattr(args, name)!r}; resume with the same value")
+        return saved
+    if previous:  # --overwrite: remove what an earlier run wrote, nothing else
+        for name in os.listdir(args.out):
+            if name.startswith(OUTPUTS):
+                os.remove(os.path.join(args.out, name))
+    return None
+
+
+def save_checkpoint(args, iteration, unet, optimizer, value_fn, value_opt, buffer, generator):
+    """Everything a resumed run needs to continue bit for bit; written atomically (tmp + rename)."""
+    state = dict(
+        iteration=iteration, args=dataclasses.asdict(args), buffer=buffer,
+        lora={n: p.detach() for n, p in unet.named_parameters() if p.requires_grad},
+        optimizer=optimizer.state_dict(), generator=generator.get_state(),
+        value_fn=value_fn and value_fn.state_dict(), value_opt=value_opt and value_opt.state_dict())
+    path = os.path.join(args.out, "checkpoint.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    save_lora(unet, args.out)
+
+
+def check_finite(name, value, iteration):
+    if not math.isfinite(value):
+        raise TrainingStopped(f"non-finite {name} ({value}) at iteration {iteration}; stopped, the "
+                              "last checkpoint in --out is the last good state", 1)
 
 
 def train(args):
     prompts = read_prompts(args)
     if args.reward == "color":
         [prompt_colour(p) for p in prompts]  # a prompt with no colour word is bad input
-    check_out(args)
+    saved = check_out(args)
     torch.manual_seed(args.seed)
     pipe = load_pipeline(args)
     reward_fn = REWARDS[args.reward](args.device)
@@ -595,61 +653,105 @@ def train(args):
         value_opt = torch.optim.AdamW(value_fn.parameters(), lr=args.value_lr)
     generator = torch.Generator().manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    buffer, history, first = None, [], 0
+    if saved is not None:  # resume: restore every state, drop metrics of unsaved iterations
+        pipe.unet.load_state_dict(saved["lora"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        if value_fn is not None:
+            value_fn.load_state_dict(saved["value_fn"])
+            value_opt.load_state_dict(saved["value_opt"])
+        generator.set_state(saved["generator"])
+        buffer, first = saved["buffer"], saved["iteration"]
+        buffer = {k: v.to(args.device) for k, v in buffer.items()}
+        with open(metrics_path) as f:
+            history = [m for m in map(json.loads, f) if m["iteration"] < first]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in history)
     per_update = args.batch_size * args.grad_accum
     print(f"dpok: {'tiny random pipeline' if args.tiny else args.model} on {args.device} "
           f"({args.dtype}), reward {args.reward}, {len(prompts)} prompt(s), {len(params)} LoRA "
           f"tensors ({sum(p.numel() for p in params):,} weights); per iteration "
           f"{args.samples_per_iter} x {args.steps} transitions in, {args.policy_steps} updates of "
-          f"{per_update} ({args.grad_accum} x {args.batch_size}) transitions", file=sys.stderr)
+          f"{per_update} ({args.grad_accum} x {args.batch_size}) transitions"
+          + (f"; resuming at iteration {first}" if saved else ""), file=sys.stderr)
 
-    buffer, history = None, []
-    bar = tqdm(range(args.iterations), desc="dpok", dynamic_ncols=True)
-    for iteration in bar:
-        start = time.time()
-        # 1. Rollout with the current policy; score x_0; append to the FIFO buffer.
-        prompt_index = torch.randint(len(prompts), (args.samples_per_iter,), generator=generator)
-        transitions, images = rollout(pipe, cond, uncond, prompt_index.to(args.device), args,
-                                      generator)
-        with torch.no_grad():
-            rewards = reward_fn(images, [prompts[i] for i in prompt_index]).float()
-        per_image = len(transitions["log_prob"]) // len(rewards)
-        transitions["reward"] = rewards.to(args.device).repeat_interleave(per_image)
-        buffer = transitions if buffer is None else {
-            k: torch.cat([buffer[k], v])[-args.buffer_size:] for k, v in transitions.items()}
-        # 2. Value function: regress V(x_t, z, t) onto the final reward.
-        value_loss = float("nan")
-        if value_fn is not None:
-            for _ in range(args.value_steps):
-                batch = sample_batch(buffer, args.value_batch_size, generator)
-                value_loss = value_step(value_fn, value_opt, batch, cond)
-        # 3. Policy: each update accumulates grad_accum micro-batches of batch_size transitions.
-        totals, grad_norm = {}, 0.0
-        for _ in range(args.policy_steps):
-            optimizer.zero_grad(set_to_none=True)
-            batch = sample_batch(buffer, per_update, generator)
-            stats = accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond, uncond,
-                                               value_fn, args, scaler)
-            scaler.unscale_(optimizer)
-            grad_norm += torch.nn.utils.clip_grad_norm_(params, args.clip_norm).item()
-            scaler.step(optimizer)
-            scaler.update()
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v / args.policy_steps
-        metrics = dict(iteration=iteration, reward_mean=rewards.mean().item(),
-                       reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
-                       **totals, grad_norm=grad_norm / args.policy_steps, value_loss=value_loss,
-                       seconds=time.time() - start)
-        history.append(metrics)
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if iteration % args.grid_every == 0 or iteration == args.iterations - 1:
-            from torchvision.utils import save_image
-            save_image(images, os.path.join(args.out, f"samples_{iteration:05d}.png"),
-                       nrow=math.ceil(math.sqrt(len(images))))
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2e}")
-    save_lora(pipe.unet, args.out)
-    first, last = history[0], history[-1]
-    print(f"dpok: reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} over "
+    def checkpoint(iteration):
+        save_checkpoint(args, iteration, pipe.unet, optimizer, value_fn, value_opt, buffer, generator)
+
+    # First SIGINT/SIGTERM: finish the iteration in flight, save, exit. A second: stop at once.
+    stop = []
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        bar = tqdm(range(first, args.iterations), desc="dpok", dynamic_ncols=True,
+                   initial=first, total=args.iterations)
+        for iteration in bar:
+            start = time.time()
+            # 1. Rollout with the current policy; score x_0; append to the FIFO buffer.
+            prompt_index = torch.randint(len(prompts), (args.samples_per_iter,), generator=generator)
+            transitions, images = rollout(pipe, cond, uncond, prompt_index.to(args.device), args,
+                                          generator)
+            with torch.no_grad():
+                rewards = reward_fn(images, [prompts[i] for i in prompt_index]).float()
+            check_finite("reward", rewards.sum().item(), iteration)
+            per_image = len(transitions["log_prob"]) // len(rewards)
+            transitions["reward"] = rewards.to(args.device).repeat_interleave(per_image)
+            buffer = transitions if buffer is None else {
+                k: torch.cat([buffer[k], v])[-args.buffer_size:] for k, v in transitions.items()}
+            # 2. Value function: regress V(x_t, z, t) onto the final reward.
+            value_loss = float("nan")
+            if value_fn is not None:
+                for _ in range(args.value_steps):
+                    batch = sample_batch(buffer, args.value_batch_size, generator)
+                    value_loss = value_step(value_fn, value_opt, batch, cond)
+                check_finite("value loss", value_loss, iteration)
+            # 3. Policy: each update accumulates grad_accum micro-batches of batch_size.
+            totals, grad_norm = {}, 0.0
+            for _ in range(args.policy_steps):
+                optimizer.zero_grad(set_to_none=True)
+                batch = sample_batch(buffer, per_update, generator)
+                stats = accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond, uncond,
+                                                   value_fn, args, scaler)
+                check_finite("loss", stats["loss"], iteration)
+                scaler.unscale_(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm).item()
+                if not scaler.is_enabled():  # under fp16 the scaler skips steps with inf grads
+                    check_finite("gradient norm", norm, iteration)
+                grad_norm += norm / args.policy_steps
+                scaler.step(optimizer)
+                scaler.update()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v / args.policy_steps
+            metrics = dict(iteration=iteration, reward_mean=rewards.mean().item(),
+                           reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
+                           **totals, grad_norm=grad_norm, value_loss=value_loss,
+                           seconds=time.time() - start)
+            history.append(metrics)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if iteration % args.grid_every == 0 or iteration == args.iterations - 1:
+                from torchvision.utils import save_image
+                save_image(images, os.path.join(args.out, f"samples_{iteration:05d}.png"),
+                           nrow=math.ceil(math.sqrt(len(images))))
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2e}")
+            if stop or (iteration + 1) % args.save_every == 0 or iteration + 1 == args.iterations:
+                checkpoint(iteration + 1)
+            if stop:
+                name = signal.Signals(stop[0]).name
+                raise TrainingStopped(
+                    f"{name}: saved iteration {iteration + 1} to {args.out}/checkpoint.pt; continue "
+                    f"with the same command and --resume", 128 + stop[0])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    first_reward, last = history[0], history[-1]
+    print(f"dpok: reward {first_reward['reward_mean']:.4f} -> {last['reward_mean']:.4f} over "
           f"{len(history)} iterations (KL {last['kl']:.2e}); LoRA weights and metrics in "
           f"{args.out}")
     return history
@@ -665,6 +767,12 @@ def main(argv=None):
     except UsageError as e:
         print(f"dpok: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"\ndpok: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("\ndpok: stopped at once; the last checkpoint in --out stays", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,6 +6,10 @@ Run: python -m pytest -q test_dpok.py
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -352,3 +356,90 @@ def test_missing_model_offline_says_use_tiny(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tiny" in err[0] and "cannot load model" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing lost: checkpoints, resume, signals, the non-finite guard, no silent overwrite.
+
+SHORT = ["--tiny", "--prompt", PROMPT, "--samples-per-iter", "4", "--save-every", "3"]
+
+
+def numbers(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(path)]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    assert dpok.main([*SHORT, "--iterations", "6", "--out", str(tmp_path / "a")]) == 0
+    assert dpok.main([*SHORT, "--iterations", "3", "--out", str(tmp_path / "b")]) == 0
+    assert dpok.main([*SHORT, "--iterations", "6", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert numbers(tmp_path / "a" / "metrics.jsonl") == numbers(tmp_path / "b" / "metrics.jsonl")
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
+    assert a["iteration"] == b["iteration"] == 6
+    for name in a["lora"]:
+        assert torch.equal(a["lora"][name], b["lora"][name]), name
+
+
+def test_resume_refuses_changed_algorithm_flags_and_missing_checkpoints(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert dpok.main([*SHORT, "--iterations", "1", "--out", out]) == 0
+    assert dpok.main([*SHORT, "--iterations", "2", "--out", out, "--resume", "--kl-beta", "1"]) == 2
+    assert "--kl-beta was 0.01 in the checkpoint" in capsys.readouterr().err
+    assert dpok.main([*SHORT, "--iterations", "2", "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+
+
+def test_previous_run_is_never_silently_overwritten(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert dpok.main([*SHORT, "--iterations", "2", "--out", out]) == 0
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    assert dpok.main([*SHORT, "--iterations", "1", "--out", out]) == 2
+    assert "holds a previous run" in capsys.readouterr().err
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before
+    assert dpok.main([*SHORT, "--iterations", "1", "--out", out, "--overwrite"]) == 0
+    assert len(numbers(os.path.join(out, "metrics.jsonl"))) == 1
+
+
+def test_non_finite_reward_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path, capsys,
+                                                                           monkeypatch):
+    calls = []
+
+    def poisoned(device):
+        def reward(images, prompts):
+            calls.append(1)
+            r = dpok.color_reward(images, prompts)
+            return r * float("nan") if len(calls) == 5 else r
+        return reward
+
+    monkeypatch.setitem(dpok.REWARDS, "color", poisoned)
+    out = tmp_path / "run"
+    assert dpok.main([*SHORT, "--iterations", "10", "--out", str(out)]) == 1
+    assert "non-finite reward (nan) at iteration 4" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 3
+    assert len(numbers(out / "metrics.jsonl")) == 4  # iterations 0..3, nothing of the bad one
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_and_exits_128_plus_signum(sig, code, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "dpok.py", *SHORT, "--iterations", "1000",
+                             "--save-every", "1000", "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__))
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(open(out / "metrics.jsonl").readlines()) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "--resume" in err.strip().splitlines()[-1]
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved["iteration"] == len(numbers(out / "metrics.jsonl")) >= 2
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_out_that_is_a_file_is_rejected(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("not a folder")
+    assert dpok.main(["--tiny", "--prompt", PROMPT, "--out", str(out)]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+    assert out.read_text() == "not a folder"
