@@ -49,8 +49,8 @@ def main():
     def update(kl_beta):
         run = dpok.parse_args(["--tiny", "--prompt", args.prompt, "--out", "unused",
                                "--kl-beta", str(kl_beta)])
-        return lambda: dpok.accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond,
-                                                       uncond, None, run)
+        loss_fn = lambda m: dpok.policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, None, run)
+        return lambda: dpok.accumulate_gradient(loss_fn, batch, run.batch_size)
 
     t_kl, t_no_kl = best_of(update(0.01)), best_of(update(0.0))
     for p in params:

@@ -24,6 +24,7 @@ Where this file departs from the paper / official code (README "Deviations" mirr
 """
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -85,6 +86,11 @@ class Args:
     save_every: int = opt(50, "checkpoint (LoRA, optimizers, buffer, RNG) every N iterations")
     resume: bool = opt(False, "continue from the checkpoint in --out")
     overwrite: bool = opt(False, "replace a previous run in --out")
+    supervised: bool = opt(False, "train the supervised baseline (paper Sec. 4.2) instead of RL")
+    supervised_samples: int = opt(1000, "images per prompt sampled once for --supervised")
+    eval: bool = opt(False, "no training: compare --lora against the pretrained model")
+    lora: str = opt(None, "folder with pytorch_lora_weights.safetensors, for --eval")
+    eval_samples: int = opt(50, "images per prompt for --eval (paper: 50 single, 30 multi-prompt)")
     device: str = opt(None, "cpu | cuda | cuda:N (default: cuda if available)")
     dtype: str = opt(None, "float32 | bfloat16 | float16 (default: bfloat16 on GPU, float32 on CPU)")
 
@@ -98,6 +104,7 @@ TINY_DEFAULTS = dict(
     reward="color", steps=10, guidance=3.0, samples_per_iter=8, buffer_size=160,
     policy_steps=2, grad_accum=2, batch_size=16, lr=3e-3, ratio_clip=0.2, reward_alpha=500.0,
     value_steps=10, value_batch_size=128, value_lr=1e-3, iterations=100, grid_every=10, save_every=25,
+    supervised_samples=800, eval_samples=32,
 )
 
 
@@ -130,7 +137,7 @@ def check_args(args):
         bad("--prompt is empty")
     for name in ("steps", "samples_per_iter", "buffer_size", "policy_steps", "grad_accum",
                  "batch_size", "iterations", "lora_rank", "value_steps", "value_batch_size",
-                 "grid_every", "save_every"):
+                 "grid_every", "save_every", "supervised_samples", "eval_samples"):
         if getattr(args, name) <= 0:
             bad(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("guidance", "eta", "lr", "clip_norm", "reward_alpha", "kl_beta", "ratio_clip",
@@ -143,6 +150,12 @@ def check_args(args):
     if args.batch_size * args.grad_accum > args.buffer_size:
         bad(f"--batch-size x --grad-accum ({args.batch_size * args.grad_accum}) exceeds "
             f"--buffer-size ({args.buffer_size})")
+    if args.eval != (args.lora is not None):
+        bad("--eval needs --lora DIR (and --lora is only used with --eval)")
+    if args.eval and args.supervised:
+        bad("--eval does not train; drop --supervised")
+    if args.lora and not os.path.isfile(os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
+        bad(f"--lora {args.lora}: no pytorch_lora_weights.safetensors there")
     if args.reward not in REWARDS:
         bad(f"unknown --reward {args.reward!r}; choose from {', '.join(REWARDS)}")
     if args.device is None:
@@ -334,12 +347,12 @@ def guided_eps(unet, latents, timesteps, cond, uncond, guidance):
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
-def pretrained_eps(unet, *args):
-    """The pretrained model's guided noise: the same UNet with its LoRA adapters switched off."""
+@contextlib.contextmanager
+def pretrained_model(unet):
+    """The pretrained model p_pre: the same UNet with its LoRA adapters switched off."""
     unet.disable_adapters()
     try:
-        with torch.no_grad():
-            return guided_eps(unet, *args)
+        yield unet
     finally:
         unet.enable_adapters()
 
@@ -524,7 +537,8 @@ def policy_loss(unet, scheduler, batch, cond, uncond, value_fn, args):
     loss = -args.reward_alpha * advantage * clipped
     kl = torch.zeros_like(loss)
     if args.kl_beta > 0:  # no second UNet pass when the estimator does not need it
-        eps_pre = pretrained_eps(unet, batch["latents"], batch["timesteps"], text, uncond,
+        with pretrained_model(unet), torch.no_grad():
+            eps_pre = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond,
                                  args.guidance)
         kl = kl_regulariser(eps, eps_pre)
         loss = loss + args.kl_beta * kl
@@ -533,16 +547,17 @@ def policy_loss(unet, scheduler, batch, cond, uncond, value_fn, args):
     return loss.mean(), stats
 
 
-def accumulate_policy_gradient(unet, scheduler, batch, cond, uncond, value_fn, args, scaler=None):
-    """Backward the mean loss over `batch` in micro-batches of args.batch_size. Each
-    micro-batch's mean is weighted by its share of the batch, so the summed gradient equals
-    the full batch's gradient exactly, whatever the slicing."""
+def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
+    """Backward the mean loss over `batch` in micro-batches of `batch_size` (gradient
+    accumulation). Each micro-batch mean is weighted by its share of the batch, so the summed
+    gradient equals the full batch's gradient exactly, whatever the slicing. Returns the
+    batch-mean of the stats that loss_fn reports."""
     n = len(batch["reward"])
     stats = {}
-    for start in range(0, n, args.batch_size):
-        micro = {k: v[start:start + args.batch_size] for k, v in batch.items()}
+    for start in range(0, n, batch_size):
+        micro = {k: v[start:start + batch_size] for k, v in batch.items()}
         share = len(micro["reward"]) / n
-        loss, micro_stats = policy_loss(unet, scheduler, micro, cond, uncond, value_fn, args)
+        loss, micro_stats = loss_fn(micro)
         (scaler.scale(loss * share) if scaler else loss * share).backward()
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0.0) + v * share
@@ -587,6 +602,14 @@ OUTPUTS = ("metrics.jsonl", "checkpoint.pt", "pytorch_lora_weights.safetensors",
            "reward_curve.png")
 
 
+def check_writable(out):
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out} is not a writable folder")
+
+
 def check_out(args):
     """Fail on an unusable --out before any work, and write nothing there on bad input."""
     checkpoint = os.path.join(args.out, "checkpoint.pt")
@@ -596,11 +619,7 @@ def check_out(args):
     if previous and not (args.resume or args.overwrite):
         raise UsageError(f"--out {args.out} holds a previous run; add --resume to continue it or "
                          "--overwrite to replace it")
-    parent = os.path.abspath(args.out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"--out {args.out} is not a writable folder")
+    check_writable(args.out)
     if args.resume:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
         for name, value in saved["args"].items():
@@ -647,7 +666,7 @@ def train(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     scaler = torch.amp.GradScaler(enabled=args.dtype == "float16")
     value_fn = value_opt = None
-    if not args.no_value:
+    if not (args.no_value or args.supervised):
         latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
         value_fn = ValueFunction(latent_dim, cond.shape[-1], args.steps).to(args.device)
         value_opt = torch.optim.AdamW(value_fn.parameters(), lr=args.value_lr)
@@ -662,12 +681,14 @@ def train(args):
             value_fn.load_state_dict(saved["value_fn"])
             value_opt.load_state_dict(saved["value_opt"])
         generator.set_state(saved["generator"])
-        buffer, first = saved["buffer"], saved["iteration"]
-        buffer = {k: v.to(args.device) for k, v in buffer.items()}
+        buffer = {k: v.to(args.device) for k, v in saved["buffer"].items()}
+        first = saved["iteration"]
         with open(metrics_path) as f:
             history = [m for m in map(json.loads, f) if m["iteration"] < first]
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in history)
+    elif args.supervised:  # the baseline's fixed data set plays the buffer's part
+        buffer = collect_supervised_data(pipe, cond, uncond, prompts, reward_fn, args, generator)
     per_update = args.batch_size * args.grad_accum
     print(f"dpok: {'tiny random pipeline' if args.tiny else args.model} on {args.device} "
           f"({args.dtype}), reward {args.reward}, {len(prompts)} prompt(s), {len(params)} LoRA "
@@ -693,7 +714,8 @@ def train(args):
                    initial=first, total=args.iterations)
         for iteration in bar:
             start = time.time()
-            # 1. Rollout with the current policy; score x_0; append to the FIFO buffer.
+            # 1. Rollout with the current policy; score x_0; append to the FIFO buffer (RL only:
+            #    the supervised baseline samples only to measure the reward the same way).
             prompt_index = torch.randint(len(prompts), (args.samples_per_iter,), generator=generator)
             transitions, images = rollout(pipe, cond, uncond, prompt_index.to(args.device), args,
                                           generator)
@@ -702,10 +724,11 @@ def train(args):
             check_finite("reward", rewards.sum().item(), iteration)
             per_image = len(transitions["log_prob"]) // len(rewards)
             transitions["reward"] = rewards.to(args.device).repeat_interleave(per_image)
-            buffer = transitions if buffer is None else {
-                k: torch.cat([buffer[k], v])[-args.buffer_size:] for k, v in transitions.items()}
+            if not args.supervised:
+                buffer = transitions if buffer is None else {
+                    k: torch.cat([buffer[k], v])[-args.buffer_size:] for k, v in transitions.items()}
             # 2. Value function: regress V(x_t, z, t) onto the final reward.
-            value_loss = float("nan")
+            value_loss = None
             if value_fn is not None:
                 for _ in range(args.value_steps):
                     batch = sample_batch(buffer, args.value_batch_size, generator)
@@ -716,8 +739,13 @@ def train(args):
             for _ in range(args.policy_steps):
                 optimizer.zero_grad(set_to_none=True)
                 batch = sample_batch(buffer, per_update, generator)
-                stats = accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond, uncond,
-                                                   value_fn, args, scaler)
+                if args.supervised:
+                    loss_fn = lambda m: supervised_loss(pipe.unet, pipe.scheduler, m, cond, args,
+                                                        generator)
+                else:
+                    loss_fn = lambda m: policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond,
+                                                    value_fn, args)
+                stats = accumulate_gradient(loss_fn, batch, args.batch_size, scaler)
                 check_finite("loss", stats["loss"], iteration)
                 scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm).item()
@@ -750,6 +778,7 @@ def train(args):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    plot_curves(history, os.path.join(args.out, "reward_curve.png"))
     first_reward, last = history[0], history[-1]
     print(f"dpok: reward {first_reward['reward_mean']:.4f} -> {last['reward_mean']:.4f} over "
           f"{len(history)} iterations (KL {last['kl']:.2e}); LoRA weights and metrics in "
@@ -758,12 +787,143 @@ def train(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Supervised baseline (paper Sec. 4.2, after Lee et al. 2023): reward-weighted denoising on images
+# sampled once from the pretrained model, with the KL term evaluated offline on them ("KL-O").
+
+
+@torch.no_grad()
+def collect_supervised_data(pipe, cond, uncond, prompts, reward_fn, args, generator):
+    """Sample --supervised-samples images per prompt from the pretrained model, score them once.
+
+    The loss weights rewards, so they must be non-negative: they are min-max normalised over the
+    whole data set to [0, 1] (worst image 0, best 1), which keeps their order and alpha's scale.
+    """
+    index = torch.arange(len(prompts)).repeat_interleave(args.supervised_samples)
+    latents, rewards = [], []
+    with pretrained_model(pipe.unet):
+        for chunk in tqdm(index.split(args.samples_per_iter), desc="sampling data", leave=False):
+            transitions, images = rollout(pipe, cond, uncond, chunk.to(args.device), args, generator)
+            latents.append(transitions["next_latents"].unflatten(0, (len(chunk), -1))[:, -1])  # x_0
+            rewards.append(reward_fn(images, [prompts[i] for i in chunk]).float())
+    rewards = torch.cat(rewards)
+    check_finite("reward", rewards.sum().item(), 0)
+    weight = (rewards - rewards.min()) / (rewards.max() - rewards.min()).clamp(min=1e-12)
+    print(f"dpok: supervised data: {len(rewards)} images, reward {rewards.mean():.4f} "
+          f"+- {rewards.std():.4f}", file=sys.stderr)
+    return dict(latents=torch.cat(latents), prompt_index=index.to(args.device),
+                reward=weight.to(args.device))
+
+
+def supervised_loss(unet, scheduler, batch, cond, args, generator):
+    """alpha * w(r) * ||n - eps_theta(x_t, t, z)||^2 + beta * ||eps_theta - eps_pre||^2 on
+    x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n with t uniform, n ~ N(0, I) (PAPER.md Sec. 4).
+    Conditional noise predictions (no guidance), as in ordinary diffusion fine-tuning."""
+    x0, text = batch["latents"], cond[batch["prompt_index"]]
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    x_t = scheduler.add_noise(x0, noise, t.to(x0.device))
+    eps = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample.float()
+    denoise = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+    loss = args.reward_alpha * batch["reward"] * denoise
+    kl = torch.zeros_like(loss)
+    if args.kl_beta > 0:
+        with pretrained_model(unet), torch.no_grad():
+            eps_pre = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample
+        kl = kl_regulariser(eps, eps_pre.float())
+        loss = loss + args.kl_beta * kl
+    return loss.mean(), dict(kl=kl.mean().item(), loss=loss.mean().item(),
+                             denoise=denoise.mean().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: pretrained vs fine-tuned on the same seeds, and the KL bound of the fine-tuned model.
+
+
+def evaluate(args):
+    prompts = read_prompts(args)
+    if args.reward == "color":
+        [prompt_colour(p) for p in prompts]
+    check_writable(args.out)  # eval.json and eval.png may go beside the run they evaluate
+    torch.manual_seed(args.seed)
+    pipe = load_pipeline(args)
+    reward_fn = REWARDS[args.reward](args.device)
+    try:
+        pipe.load_lora_weights(args.lora)
+    except Exception as e:
+        raise UsageError(f"--lora {args.lora}: cannot load LoRA weights ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]})")
+    cond, uncond = encode_prompts(pipe, prompts)
+    os.makedirs(args.out, exist_ok=True)
+    rows, grid = [], []
+    for p, prompt in enumerate(tqdm(prompts, desc="eval")):
+        index = torch.full((args.eval_samples,), p, device=args.device)
+        with pretrained_model(pipe.unet):  # same seed: the same initial noise for both models
+            _, before = rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(args.seed))
+        transitions, after = rollout(pipe, cond, uncond, index, args,
+                                     torch.Generator().manual_seed(args.seed))
+        # KL(p_theta(x_0|z) || p_pre(x_0|z)) <= sum_t E KL_t (paper's lemma), on the model's own
+        # samples; KL_t exact for two Gaussians with the same sigma_t, summed over latent dims.
+        step_kl = []
+        for chunk in torch.arange(len(transitions["log_prob"])).split(4 * args.samples_per_iter):
+            b = {k: v[chunk.to(v.device)] for k, v in transitions.items()}
+            text = cond[b["prompt_index"]]
+            with torch.no_grad():
+                eps = guided_eps(pipe.unet, b["latents"], b["timesteps"], text, uncond, args.guidance)
+                with pretrained_model(pipe.unet):
+                    eps_pre = guided_eps(pipe.unet, b["latents"], b["timesteps"], text, uncond,
+                                         args.guidance)
+            weight = kl_step_weight(pipe.scheduler, b["timesteps"], args.eta).to(args.device)
+            step_kl.append(weight * ((eps - eps_pre) ** 2).sum(dim=(1, 2, 3)))
+        kl = torch.cat(step_kl).view(args.eval_samples, -1).sum(1)  # transitions are image-major
+        r0 = reward_fn(before, [prompt] * args.eval_samples)
+        r1 = reward_fn(after, [prompt] * args.eval_samples)
+        rows.append(dict(prompt=prompt, reward_pretrained=r0.mean().item(),
+                         reward_pretrained_std=r0.std().item(), reward_finetuned=r1.mean().item(),
+                         reward_finetuned_std=r1.std().item(), kl_bound=kl.mean().item()))
+        grid += [before, after]
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(dict(lora=args.lora, eval_samples=args.eval_samples, seed=args.seed,
+                       reward=args.reward, results=rows), f, indent=1)
+    from torchvision.utils import save_image
+    save_image(torch.cat(grid), os.path.join(args.out, "eval.png"), nrow=args.eval_samples)
+    width = max(len("prompt"), *(len(r["prompt"]) for r in rows))
+    print(f"{'prompt':<{width}}  {'reward pretrained':>18}  {'reward fine-tuned':>18}  {'KL bound':>9}")
+    for r in rows:
+        print(f"{r['prompt']:<{width}}  {r['reward_pretrained']:>9.4f} +- {r['reward_pretrained_std']:<6.4f}"
+              f"  {r['reward_finetuned']:>9.4f} +- {r['reward_finetuned_std']:<6.4f}  {r['kl_bound']:>9.4f}")
+    print(f"dpok: eval of {args.lora} written to {args.out}/eval.json and eval.png "
+          "(top row of each pair: pretrained, bottom: fine-tuned, same seeds)")
+    return rows
+
+
+def plot_curves(history, path, size=(480, 300)):
+    """reward_mean (top) and KL (bottom) per iteration as a PNG, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    w, h = size[0] - 20, size[1] // 2 - 25
+    for row, (key, colour) in enumerate((("reward_mean", "green"), ("kl", "red"))):
+        values = [m[key] for m in history]
+        top, lo, hi = 20 + row * (h + 25), min(values), max(values)
+        span = (hi - lo) or 1.0
+        points = [(10 + w * i / max(len(values) - 1, 1), top + h * (1 - (v - lo) / span))
+                  for i, v in enumerate(values)]
+        draw.rectangle([10, top, 10 + w, top + h], outline="gray")
+        draw.line(points if len(points) > 1 else points * 2, fill=colour, width=2)
+        draw.text((14, top - 14), f"{key}: {lo:.4g} .. {hi:.4g} over {len(values)} iterations",
+                  fill="black")
+    image.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line.
 
 
 def main(argv=None):
     try:
-        train(parse_args(argv))
+        args = parse_args(argv)
+        evaluate(args) if args.eval else train(args)
     except UsageError as e:
         print(f"dpok: error: {e}", file=sys.stderr)
         return 2

@@ -139,7 +139,8 @@ def test_kl_regulariser_is_zero_for_the_untouched_model(tiny):
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([981, 501, 1])
     with torch.no_grad():
         eps = dpok.guided_eps(pipe.unet, x, t, cond.expand(3, -1, -1), uncond, args.guidance)
-    eps_pre = dpok.pretrained_eps(pipe.unet, x, t, cond.expand(3, -1, -1), uncond, args.guidance)
+    with dpok.pretrained_model(pipe.unet), torch.no_grad():
+        eps_pre = dpok.guided_eps(pipe.unet, x, t, cond.expand(3, -1, -1), uncond, args.guidance)
     assert torch.equal(dpok.kl_regulariser(eps, eps_pre), torch.zeros(3))
     assert eps.abs().mean() > 0.01  # not trivially zero
 
@@ -171,6 +172,11 @@ def fake_batch(pipe, cond, uncond, args, n, seed):
     return batch
 
 
+def policy_gradient(pipe, batch, cond, uncond, args):
+    loss_fn = lambda m: dpok.policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, None, args)
+    return dpok.accumulate_gradient(loss_fn, batch, args.batch_size)
+
+
 def lora_grads(params):
     return [p.grad.clone() for p in params]
 
@@ -187,7 +193,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(tiny):
             for p in params:
                 p.grad = None
             micro = tiny_args("--batch-size", str(batch_size), "--kl-beta", "0.5", out="unused")
-            dpok.accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond, uncond, None, micro)
+            policy_gradient(pipe, batch, cond, uncond, micro)
             grads[batch_size] = lora_grads(params)
         for full, accumulated in zip(grads[8], grads[3]):
             # float32 summation order only: 1e-4 of the gradient's scale (a wrong weighting of the
@@ -205,7 +211,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(tiny):
 def test_only_lora_weights_receive_gradients(tiny):
     pipe, params, cond, uncond, args = tiny
     batch = fake_batch(pipe, cond, uncond, args, 4, seed=6)
-    dpok.accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond, uncond, None, args)
+    policy_gradient(pipe, batch, cond, uncond, args)
     with_grad = {n for n, p in pipe.unet.named_parameters() if p.grad is not None}
     assert with_grad and all("lora" in n for n in with_grad)
     assert len(with_grad) == len(params)
@@ -222,7 +228,7 @@ def test_positive_advantage_raises_the_log_prob_of_its_action(tiny):
     batch["reward"] = torch.ones(4)
     snapshot = [p.detach().clone() for p in params]
     run = tiny_args("--kl-beta", "0", out="unused")
-    dpok.accumulate_policy_gradient(pipe.unet, pipe.scheduler, batch, cond, uncond, None, run)
+    policy_gradient(pipe, batch, cond, uncond, run)
     with torch.no_grad():
         for p in params:
             p.sub_(1e-3 * p.grad)
@@ -327,6 +333,10 @@ BAD_INPUTS = [
     (["--prompt", PROMPT, "--dtype", "int8"], "unknown --dtype"),
     (["--prompt", "a rabbit"], "needs a colour word"),
     (["--prompt", PROMPT, "--steps", "ten"], "invalid int value"),
+    (["--prompt", PROMPT, "--eval"], "--eval needs --lora"),
+    (["--prompt", PROMPT, "--lora", "."], "--eval needs --lora"),
+    (["--prompt", PROMPT, "--eval", "--lora", "."], "no pytorch_lora_weights.safetensors"),
+    (["--prompt", PROMPT, "--supervised", "--supervised-samples", "0"], "--supervised-samples must be positive"),
 ]
 
 
@@ -443,3 +453,76 @@ def test_out_that_is_a_file_is_rejected(tmp_path, capsys):
     assert dpok.main(["--tiny", "--prompt", PROMPT, "--out", str(out)]) == 2
     assert "not a writable folder" in capsys.readouterr().err
     assert out.read_text() == "not a folder"
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised baseline and evaluation (paper Sec. 4.2 and Sec. 5, in miniature)
+
+
+def test_supervised_weights_are_min_max_normalised_rewards(tiny):
+    pipe, _, cond, uncond, _ = tiny
+    args = tiny_args("--supervised", "--supervised-samples", "6", "--samples-per-iter", "4",
+                     out="unused")
+    data = dpok.collect_supervised_data(pipe, cond, uncond, [PROMPT], dpok.color_reward, args,
+                                        torch.Generator().manual_seed(0))
+    assert data["latents"].shape == (6, 4, 8, 8)
+    assert data["reward"].min() == 0 and data["reward"].max() == 1
+
+
+def test_supervised_loss_is_weighted_denoising_plus_offline_kl(tiny):
+    """At the pretrained point the KL term is 0 and the loss is alpha * w * denoising error."""
+    pipe, _, cond, _, _ = tiny
+    args = tiny_args("--supervised", out="unused")
+    batch = dict(latents=torch.randn(3, 4, 8, 8), prompt_index=torch.zeros(3, dtype=torch.long),
+                 reward=torch.tensor([0.0, 0.5, 1.0]))
+    with torch.no_grad():
+        loss, stats = dpok.supervised_loss(pipe.unet, pipe.scheduler, batch, cond, args,
+                                           torch.Generator().manual_seed(0))
+    assert stats["kl"] == 0 and stats["denoise"] > 0
+    gen = torch.Generator().manual_seed(0)  # the same noise and timesteps, by hand
+    noise = torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.randint(1000, (3,), generator=gen)
+    a = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * batch["latents"] + (1 - a).sqrt() * noise
+    with torch.no_grad():
+        eps = pipe.unet(x_t, t, encoder_hidden_states=cond.expand(3, -1, -1)).sample
+    expected = (args.reward_alpha * batch["reward"] * ((noise - eps) ** 2).mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def supervised_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("supervised") / "run"
+    history = dpok.train(tiny_args("--supervised", "--iterations", "20", "--supervised-samples",
+                                   "160", out=out))
+    return history, out
+
+
+def test_both_modes_improve_over_the_pretrained_model_and_rl_more_than_supervised(runs, supervised_run):
+    """Iteration 0's samples come from the pretrained model (LoRA B = 0): the baseline."""
+    for history in (runs["0.01"][0], supervised_run[0]):
+        rewards = [m["reward_mean"] for m in history]
+        assert sum(rewards[-10:]) / 10 > rewards[0] + 0.01, rewards
+    assert {"reward_mean", "reward_std", "kl", "loss", "grad_norm", "seconds"} <= set(supervised_run[0][0])
+    assert (supervised_run[1] / "reward_curve.png").exists()
+
+
+def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path, capsys):
+    _, run = runs["0.01"]
+    argv = ["--tiny", "--prompt", PROMPT, "--eval", "--lora", str(run), "--eval-samples", "8",
+            "--out", str(tmp_path / "eval")]
+    assert dpok.main(argv) == 0
+    result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
+    assert result["reward_finetuned"] > result["reward_pretrained"]
+    assert result["kl_bound"] > 0
+    assert (tmp_path / "eval" / "eval.png").exists()
+    assert PROMPT in capsys.readouterr().out
+    # an untouched LoRA (B = 0) is the pretrained model: same rewards, KL exactly 0
+    untouched = tmp_path / "untouched"
+    untouched.mkdir()
+    pipe = dpok.tiny_pipeline(0)
+    dpok.add_lora(pipe.unet, 4)
+    dpok.save_lora(pipe.unet, str(untouched))
+    assert dpok.main([*argv[:4], "--lora", str(untouched), *argv[6:]]) == 0
+    result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
+    assert result["reward_finetuned"] == result["reward_pretrained"] and result["kl_bound"] == 0
