@@ -2,7 +2,8 @@
 
 Fan et al., "DPOK: Reinforcement Learning for Fine-tuning Text-to-Image Diffusion Models",
 NeurIPS 2023, https://arxiv.org/abs/2305.16381. One file, read top to bottom like the paper:
-models -> sampler -> rollout -> rewards -> losses -> training loop -> CLI.
+models -> sampler -> rollout -> rewards -> value function -> losses -> training loop ->
+supervised baseline -> evaluation -> CLI.
 
     python dpok.py --prompt "A green colored rabbit" --kl-beta 0.01     # SD v1.5 + ImageReward, GPU
     python dpok.py --tiny --prompt "a green colored rabbit"             # offline, CPU, ~2 minutes
@@ -20,7 +21,10 @@ Where this file departs from the paper / official code (README "Deviations" mirr
  6. Log-probs and ratios are computed in float32 on the stored float32 latents, even when the
     UNet runs in half precision; the default GPU dtype is bfloat16 (official: fp16).
  7. `--tiny` changes defaults for a random CPU-sized model (see TINY_DEFAULTS): fewer steps,
-    lower guidance, a far larger learning rate and a wider ratio clip. The algorithm is unchanged.
+    lower guidance, a far larger learning rate, a wider ratio clip and alpha scaled to the
+    colour reward's spread; its GroupNorms have one group. The algorithm is unchanged.
+ 8. Supervised baseline: rewards are min-max normalised to [0, 1] (the loss needs non-negative
+    weights), and its noise predictions are conditional (no guidance).
 """
 
 import argparse
@@ -34,6 +38,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -103,7 +108,7 @@ class Args:
 TINY_DEFAULTS = dict(
     reward="color", steps=10, guidance=3.0, samples_per_iter=8, buffer_size=160,
     policy_steps=2, grad_accum=2, batch_size=16, lr=3e-3, ratio_clip=0.2, reward_alpha=500.0,
-    value_steps=10, value_batch_size=128, value_lr=1e-3, iterations=100, grid_every=10, save_every=25,
+    value_steps=10, value_batch_size=128, value_lr=1e-3, iterations=100, save_every=25,
     supervised_samples=800, eval_samples=32,
 )
 
@@ -177,11 +182,9 @@ def check_args(args):
 
 
 def read_prompts(args):
-    if args.prompt is not None:
-        return [args.prompt.strip()]
     try:
-        with open(args.prompts, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        prompts = [args.prompt.strip()] if args.prompt is not None else [
+            line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
     except FileNotFoundError:
         raise UsageError(f"prompts file not found: {args.prompts}")
     except UnicodeDecodeError:
@@ -190,6 +193,8 @@ def read_prompts(args):
         raise UsageError(f"cannot read prompts file {args.prompts}: {e.strerror}")
     if not prompts:
         raise UsageError(f"prompts file has no prompts: {args.prompts}")
+    if args.reward == "color":
+        [prompt_colour(p) for p in prompts]  # a prompt with no colour word is bad input
     return prompts
 
 
@@ -321,7 +326,7 @@ def ddim_step_logprob(scheduler, model_output, timestep, sample, eta, prev_sampl
     """
     model_output, sample = model_output.float(), sample.float()
     a_t, a_prev = (a.to(sample.device).view(-1, 1, 1, 1) for a in ddim_alphas(scheduler, timestep))
-    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    sigma = ddim_sigma(scheduler, timestep, eta).to(sample.device).view(-1, 1, 1, 1)
     x0_hat = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
     mu = a_prev.sqrt() * x0_hat + (1 - a_prev - sigma**2).sqrt() * model_output
     if prev_sample is None:
@@ -441,20 +446,24 @@ def compressibility_reward(images, prompts):
     return torch.tensor(sizes)
 
 
-def imagereward_reward(device):
-    """ImageReward-v1.0 (Xu et al. 2023), downloaded (~1.7 GB) on first use. Not differentiated."""
+def imagereward_reward(device, model=None):
+    """ImageReward-v1.0 (Xu et al. 2023), downloaded (~1.7 GB) on first use; `model` lets a test
+    pass one built offline. Scores are standardised by the package. Not differentiated."""
     from torchvision.transforms.functional import to_pil_image
 
-    try:
-        import ImageReward
-    except Exception as e:
-        raise UsageError(f"--reward imagereward needs the image-reward package ({e}); "
-                         "pip install -r requirements.txt")
-    try:
-        model = ImageReward.load("ImageReward-v1.0", device=device)
-    except Exception as e:
-        raise UsageError(f"cannot load ImageReward-v1.0 ({type(e).__name__}); it downloads on "
-                         "first use, so connect once, or use --reward color/compressibility")
+    if model is None:
+        try:
+            with warnings.catch_warnings():  # its `clip` dependency warns about pkg_resources
+                warnings.simplefilter("ignore")
+                import ImageReward
+        except Exception as e:
+            raise UsageError(f"--reward imagereward needs the image-reward package ({e}); "
+                             "pip install -r requirements.txt")
+        try:
+            model = ImageReward.load("ImageReward-v1.0", device=device)
+        except Exception as e:
+            raise UsageError(f"cannot load ImageReward-v1.0 ({type(e).__name__}); it downloads on "
+                             "first use, so connect once, or use --reward color/compressibility")
 
     @torch.no_grad()
     def reward(images, prompts):
@@ -655,8 +664,6 @@ def check_finite(name, value, iteration):
 
 def train(args):
     prompts = read_prompts(args)
-    if args.reward == "color":
-        [prompt_colour(p) for p in prompts]  # a prompt with no colour word is bad input
     saved = check_out(args)
     torch.manual_seed(args.seed)
     pipe = load_pipeline(args)
@@ -841,8 +848,6 @@ def supervised_loss(unet, scheduler, batch, cond, args, generator):
 
 def evaluate(args):
     prompts = read_prompts(args)
-    if args.reward == "color":
-        [prompt_colour(p) for p in prompts]
     check_writable(args.out)  # eval.json and eval.png may go beside the run they evaluate
     torch.manual_seed(args.seed)
     pipe = load_pipeline(args)
@@ -921,6 +926,11 @@ def plot_curves(history, path, size=(480, 300)):
 
 
 def main(argv=None):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()  # our own one-line messages say what went wrong
+    transformers_logging.set_verbosity_error()
     try:
         args = parse_args(argv)
         evaluate(args) if args.eval else train(args)

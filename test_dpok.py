@@ -32,6 +32,12 @@ def tiny_args(*extra, out):
     return dpok.parse_args(["--tiny", "--prompt", PROMPT, "--out", str(out), *extra])
 
 
+def offline(monkeypatch):
+    """Like HF_HUB_OFFLINE=1, which huggingface_hub reads only when first imported."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny pipeline with fresh LoRA adapters (the untouched fine-tuned model)."""
@@ -360,7 +366,7 @@ def test_unreadable_prompts_files_are_rejected(tmp_path, capsys):
 
 
 def test_missing_model_offline_says_use_tiny(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline(monkeypatch)
     argv = ["--prompt", PROMPT, "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o")]
     assert dpok.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -498,7 +504,7 @@ def supervised_run(tmp_path_factory):
     return history, out
 
 
-def test_both_modes_improve_over_the_pretrained_model_and_rl_more_than_supervised(runs, supervised_run):
+def test_both_modes_improve_over_the_pretrained_model(runs, supervised_run):
     """Iteration 0's samples come from the pretrained model (LoRA B = 0): the baseline."""
     for history in (runs["0.01"][0], supervised_run[0]):
         rewards = [m["reward_mean"] for m in history]
@@ -526,3 +532,40 @@ def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path
     assert dpok.main([*argv[:4], "--lora", str(untouched), *argv[6:]]) == 0
     result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
     assert result["reward_finetuned"] == result["reward_pretrained"] and result["kl_bound"] == 0
+
+
+def test_imagereward_reward_runs_the_real_imagereward_code_offline(tmp_path, monkeypatch):
+    """The real BLIP-based ImageReward model with random weights (no download): a code-path
+    check of tokenising, preprocessing and scoring, not a quality check."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import ImageReward
+    monkeypatch.chdir(tmp_path)  # BertTokenizer.from_pretrained looks in ./bert-base-uncased first
+    (tmp_path / "bert-base-uncased").mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "green", "colored", "rabbit"]
+    (tmp_path / "bert-base-uncased" / "vocab.txt").write_text("\n".join(words) + "\n")
+    config = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu",
+                  hidden_dropout_prob=0.1, hidden_size=768, initializer_range=0.02,
+                  intermediate_size=3072, layer_norm_eps=1e-12, max_position_embeddings=512,
+                  model_type="bert", num_attention_heads=12, num_hidden_layers=12, pad_token_id=0,
+                  type_vocab_size=2, vocab_size=30524, encoder_width=1024, add_cross_attention=True)
+    (tmp_path / "med_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = ImageReward.ImageReward(med_config=str(tmp_path / "med_config.json"), device="cpu").eval()
+    reward = dpok.imagereward_reward("cpu", model)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    scores = reward(images, [PROMPT, PROMPT])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    from torchvision.transforms.functional import to_pil_image
+    assert scores[1].item() == pytest.approx(model.score(PROMPT, to_pil_image(images[1])))
+
+
+def test_imagereward_missing_offline_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    offline(monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached ImageReward.pt
+    argv = ["--tiny", "--prompt", PROMPT, "--reward", "imagereward", "--out", str(tmp_path / "o")]
+    assert dpok.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load ImageReward-v1.0" in err[0], err
+    assert not (tmp_path / "o").exists()
