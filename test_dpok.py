@@ -337,6 +337,8 @@ BAD_INPUTS = [
     (["--prompt", PROMPT, "--device", "tpu"], "--device"),
     (["--prompt", PROMPT, "--device", "cpu", "--dtype", "float16"], "float16 is not supported on CPU"),
     (["--prompt", PROMPT, "--dtype", "int8"], "unknown --dtype"),
+    *([(["--prompt", PROMPT, "--device", "cuda"], "no CUDA GPU is available")]
+      if not torch.cuda.is_available() else []),
     (["--prompt", "a rabbit"], "needs a colour word"),
     (["--prompt", PROMPT, "--steps", "ten"], "invalid int value"),
     (["--prompt", PROMPT, "--eval"], "--eval needs --lora"),
