@@ -544,16 +544,15 @@ def policy_loss(unet, scheduler, batch, cond, uncond, value_fn, args):
             advantage = advantage - value_fn(batch["latents"], text, batch["step"])
     clipped = ratio.clamp(1 - args.ratio_clip, 1 + args.ratio_clip)
     loss = -args.reward_alpha * advantage * clipped
-    kl = torch.zeros_like(loss)
+    stats = dict(ratio=ratio.mean().item(), clipfrac=(ratio != clipped).float().mean().item())
     if args.kl_beta > 0:  # no second UNet pass when the estimator does not need it
         with pretrained_model(unet), torch.no_grad():
             eps_pre = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond,
                                  args.guidance)
         kl = kl_regulariser(eps, eps_pre)
         loss = loss + args.kl_beta * kl
-    stats = dict(ratio=ratio.mean().item(), kl=kl.mean().item(), loss=loss.mean().item(),
-                 clipfrac=(ratio != clipped).float().mean().item())
-    return loss.mean(), stats
+        stats["kl"] = kl.mean().item()
+    return loss.mean(), dict(stats, loss=loss.mean().item())
 
 
 def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
@@ -656,6 +655,10 @@ def save_checkpoint(args, iteration, unet, optimizer, value_fn, value_opt, buffe
     save_lora(unet, args.out)
 
 
+def format_kl(kl):
+    return "not computed, beta = 0" if kl is None else f"{kl:.2e}"
+
+
 def check_finite(name, value, iteration):
     if not math.isfinite(value):
         raise TrainingStopped(f"non-finite {name} ({value}) at iteration {iteration}; stopped, the "
@@ -704,6 +707,11 @@ def train(args):
           f"{per_update} ({args.grad_accum} x {args.batch_size}) transitions"
           + (f"; resuming at iteration {first}" if saved else ""), file=sys.stderr)
 
+    if args.supervised:
+        loss_fn = lambda m: supervised_loss(pipe.unet, pipe.scheduler, m, cond, args, generator)
+    else:
+        loss_fn = lambda m: policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, value_fn, args)
+
     def checkpoint(iteration):
         save_checkpoint(args, iteration, pipe.unet, optimizer, value_fn, value_opt, buffer, generator)
 
@@ -746,12 +754,6 @@ def train(args):
             for _ in range(args.policy_steps):
                 optimizer.zero_grad(set_to_none=True)
                 batch = sample_batch(buffer, per_update, generator)
-                if args.supervised:
-                    loss_fn = lambda m: supervised_loss(pipe.unet, pipe.scheduler, m, cond, args,
-                                                        generator)
-                else:
-                    loss_fn = lambda m: policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond,
-                                                    value_fn, args)
                 stats = accumulate_gradient(loss_fn, batch, args.batch_size, scaler)
                 check_finite("loss", stats["loss"], iteration)
                 scaler.unscale_(optimizer)
@@ -765,7 +767,7 @@ def train(args):
                     totals[k] = totals.get(k, 0.0) + v / args.policy_steps
             metrics = dict(iteration=iteration, reward_mean=rewards.mean().item(),
                            reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
-                           **totals, grad_norm=grad_norm, value_loss=value_loss,
+                           **{"kl": None, **totals}, grad_norm=grad_norm, value_loss=value_loss,
                            seconds=time.time() - start)
             history.append(metrics)
             with open(metrics_path, "a") as f:
@@ -774,7 +776,7 @@ def train(args):
                 from torchvision.utils import save_image
                 save_image(images, os.path.join(args.out, f"samples_{iteration:05d}.png"),
                            nrow=math.ceil(math.sqrt(len(images))))
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2e}")
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=format_kl(metrics["kl"]))
             if stop or (iteration + 1) % args.save_every == 0 or iteration + 1 == args.iterations:
                 checkpoint(iteration + 1)
             if stop:
@@ -788,7 +790,7 @@ def train(args):
     plot_curves(history, os.path.join(args.out, "reward_curve.png"))
     first_reward, last = history[0], history[-1]
     print(f"dpok: reward {first_reward['reward_mean']:.4f} -> {last['reward_mean']:.4f} over "
-          f"{len(history)} iterations (KL {last['kl']:.2e}); LoRA weights and metrics in "
+          f"{len(history)} iterations (KL {format_kl(last['kl'])}); LoRA weights and metrics in "
           f"{args.out}")
     return history
 
@@ -832,14 +834,14 @@ def supervised_loss(unet, scheduler, batch, cond, args, generator):
     eps = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample.float()
     denoise = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
     loss = args.reward_alpha * batch["reward"] * denoise
-    kl = torch.zeros_like(loss)
+    stats = dict(denoise=denoise.mean().item())
     if args.kl_beta > 0:
         with pretrained_model(unet), torch.no_grad():
             eps_pre = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample
         kl = kl_regulariser(eps, eps_pre.float())
         loss = loss + args.kl_beta * kl
-    return loss.mean(), dict(kl=kl.mean().item(), loss=loss.mean().item(),
-                             denoise=denoise.mean().item())
+        stats["kl"] = kl.mean().item()
+    return loss.mean(), dict(stats, loss=loss.mean().item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -909,7 +911,9 @@ def plot_curves(history, path, size=(480, 300)):
     draw = ImageDraw.Draw(image)
     w, h = size[0] - 20, size[1] // 2 - 25
     for row, (key, colour) in enumerate((("reward_mean", "green"), ("kl", "red"))):
-        values = [m[key] for m in history]
+        values = [m[key] for m in history if m[key] is not None]
+        if not values:
+            continue
         top, lo, hi = 20 + row * (h + 25), min(values), max(values)
         span = (hi - lo) or 1.0
         points = [(10 + w * i / max(len(values) - 1, 1), top + h * (1 - (v - lo) / span))
