@@ -92,12 +92,13 @@ class Args:
     resume: bool = opt(False, "continue from the checkpoint in --out")
     overwrite: bool = opt(False, "replace a previous run in --out")
     supervised: bool = opt(False, "train the supervised baseline (paper Sec. 4.2) instead of RL")
-    supervised_samples: int = opt(1000, "images per prompt sampled once for --supervised")
+    supervised_samples: int = opt(1000, "images per prompt sampled once (paper: 20K in all)")
     eval: bool = opt(False, "no training: compare --lora against the pretrained model")
     lora: str = opt(None, "folder with pytorch_lora_weights.safetensors, for --eval")
     eval_samples: int = opt(50, "images per prompt for --eval (paper: 50 single, 30 multi-prompt)")
-    device: str = opt(None, "cpu | cuda | cuda:N (default: cuda if available)")
-    dtype: str = opt(None, "float32 | bfloat16 | float16 (default: bfloat16 on GPU, float32 on CPU)")
+    device: str = opt(None, "cpu | cuda | cuda:N; default cuda if available")
+    dtype: str = opt(None, "float32 | bfloat16 | float16; default bfloat16 on GPU (official: "
+                     "fp16), float32 on CPU")
 
 
 # Tiny-world defaults, calibrated on 2 CPU cores (~1 s an iteration): a random model learns only
@@ -125,7 +126,10 @@ def parse_args(argv=None):
         if f.type is bool:
             parser.add_argument(name, action="store_true", help=help)
         else:
-            parser.add_argument(name, type=f.type, help=f"{help} (default {f.default})")
+            if f.default is not None:
+                tiny = f"; --tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
+                help = f"{help} (default {f.default}{tiny})"
+            parser.add_argument(name, type=f.type, help=help)
     given = vars(parser.parse_args(argv))
     args = Args(**{**(TINY_DEFAULTS if given.get("tiny") else {}), **given})
     check_args(args)
@@ -650,9 +654,13 @@ def save_checkpoint(args, iteration, unet, optimizer, value_fn, value_opt, buffe
         optimizer=optimizer.state_dict(), generator=generator.get_state(),
         value_fn=value_fn and value_fn.state_dict(), value_opt=value_opt and value_opt.state_dict())
     path = os.path.join(args.out, "checkpoint.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    save_lora(unet, args.out)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        save_lora(unet, args.out)
+    except OSError as e:  # disk full, folder removed: the previous checkpoint is still whole
+        raise TrainingStopped(f"cannot write the checkpoint in {args.out} ({e}); the previous "
+                              "one is intact", 1)
 
 
 def format_kl(kl):

@@ -571,3 +571,20 @@ def test_imagereward_missing_offline_is_one_line_exit_2(tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot load ImageReward-v1.0" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_crash_while_checkpointing_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch,
+                                                                          capsys):
+    out = tmp_path / "run"
+    assert dpok.main([*SHORT, "--iterations", "3", "--out", str(out)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def crash(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    assert dpok.main([*SHORT, "--iterations", "6", "--out", str(out), "--resume"]) == 1
+    assert "cannot write the checkpoint" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
