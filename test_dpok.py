@@ -588,3 +588,12 @@ def test_crash_while_checkpointing_leaves_the_previous_checkpoint_intact(tmp_pat
     assert dpok.main([*SHORT, "--iterations", "6", "--out", str(out), "--resume"]) == 1
     assert "cannot write the checkpoint" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_multi_prompt_run_with_the_shipped_prompts_file(tmp_path):
+    prompts = os.path.join(os.path.dirname(__file__), "prompts.txt")
+    argv = ["--tiny", "--prompts", prompts, "--reward", "compressibility", "--iterations", "2",
+            "--samples-per-iter", "4", "--out", str(tmp_path / "run")]
+    assert dpok.main(argv) == 0
+    assert len(numbers(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert len(open(prompts).read().split("\n")) > 4  # the paper's four prompts and more
