@@ -149,6 +149,8 @@ def check_args(args):
                  "grid_every", "save_every", "supervised_samples", "eval_samples"):
         if getattr(args, name) <= 0:
             bad(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.eval and args.eval_samples < 2:
+        bad("--eval-samples must be at least 2 (the table reports a standard deviation)")
     for name in ("guidance", "eta", "lr", "clip_norm", "reward_alpha", "kl_beta", "ratio_clip",
                  "value_lr"):
         value = getattr(args, name)
@@ -856,6 +858,22 @@ def supervised_loss(unet, scheduler, batch, cond, args, generator):
 # Evaluation: pretrained vs fine-tuned on the same seeds, and the KL bound of the fine-tuned model.
 
 
+@torch.no_grad()
+def kl_bound(pipe, transitions, cond, uncond, args):
+    """Exact KL_t of each stored transition: two Gaussians with the same sigma_t, summed over
+    latent dims. Summed over t it bounds KL(p_theta(x_0|z) || p_pre(x_0|z)) (paper's lemma)."""
+    step_kl = []
+    for idx in torch.arange(len(transitions["log_prob"])).split(args.samples_per_iter):
+        b = {k: v[idx.to(v.device)] for k, v in transitions.items()}
+        text = cond[b["prompt_index"]]
+        eps = guided_eps(pipe.unet, b["latents"], b["timesteps"], text, uncond, args.guidance)
+        with pretrained_model(pipe.unet):
+            eps_pre = guided_eps(pipe.unet, b["latents"], b["timesteps"], text, uncond, args.guidance)
+        weight = kl_step_weight(pipe.scheduler, b["timesteps"], args.eta).to(eps.device)
+        step_kl.append(weight * ((eps - eps_pre) ** 2).sum(dim=(1, 2, 3)))
+    return torch.cat(step_kl)  # (transitions,), image-major like the rollout
+
+
 def evaluate(args):
     prompts = read_prompts(args)
     check_writable(args.out)  # eval.json and eval.png may go beside the run they evaluate
@@ -871,25 +889,16 @@ def evaluate(args):
     os.makedirs(args.out, exist_ok=True)
     rows, grid = [], []
     for p, prompt in enumerate(tqdm(prompts, desc="eval")):
-        index = torch.full((args.eval_samples,), p, device=args.device)
-        with pretrained_model(pipe.unet):  # same seed: the same initial noise for both models
-            _, before = rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(args.seed))
-        transitions, after = rollout(pipe, cond, uncond, index, args,
-                                     torch.Generator().manual_seed(args.seed))
-        # KL(p_theta(x_0|z) || p_pre(x_0|z)) <= sum_t E KL_t (paper's lemma), on the model's own
-        # samples; KL_t exact for two Gaussians with the same sigma_t, summed over latent dims.
-        step_kl = []
-        for chunk in torch.arange(len(transitions["log_prob"])).split(4 * args.samples_per_iter):
-            b = {k: v[chunk.to(v.device)] for k, v in transitions.items()}
-            text = cond[b["prompt_index"]]
-            with torch.no_grad():
-                eps = guided_eps(pipe.unet, b["latents"], b["timesteps"], text, uncond, args.guidance)
-                with pretrained_model(pipe.unet):
-                    eps_pre = guided_eps(pipe.unet, b["latents"], b["timesteps"], text, uncond,
-                                         args.guidance)
-            weight = kl_step_weight(pipe.scheduler, b["timesteps"], args.eta).to(args.device)
-            step_kl.append(weight * ((eps - eps_pre) ** 2).sum(dim=(1, 2, 3)))
-        kl = torch.cat(step_kl).view(args.eval_samples, -1).sum(1)  # transitions are image-major
+        # Two generators with one seed: both models start from the same noise, chunk by chunk.
+        seeds = [torch.Generator().manual_seed(args.seed) for _ in range(2)]
+        before, after, kl = [], [], []
+        for chunk in torch.full((args.eval_samples,), p).split(args.samples_per_iter):
+            with pretrained_model(pipe.unet):
+                before.append(rollout(pipe, cond, uncond, chunk.to(args.device), args, seeds[0])[1])
+            transitions, images = rollout(pipe, cond, uncond, chunk.to(args.device), args, seeds[1])
+            after.append(images)
+            kl.append(kl_bound(pipe, transitions, cond, uncond, args).unflatten(0, (len(chunk), -1)))
+        before, after, kl = torch.cat(before), torch.cat(after), torch.cat(kl).sum(1)  # (n,)
         r0 = reward_fn(before, [prompt] * args.eval_samples)
         r1 = reward_fn(after, [prompt] * args.eval_samples)
         rows.append(dict(prompt=prompt, reward_pretrained=r0.mean().item(),
