@@ -373,24 +373,27 @@ def pretrained_model(unet):
 
 
 @torch.no_grad()
-def rollout(pipe, cond, uncond, prompt_index, args, generator):
+def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
     """Sample len(prompt_index) images with the current UNet (LoRA on).
 
     Returns (transitions, images). `transitions` holds, per (image, step) pair, flattened
     image-major: latents x_t, next_latents x_{t-1}, timesteps t, step (0..T-1), prompt_index,
-    log_prob (old log-prob, float32, of exactly the stored x_{t-1}). images: (B, 3, H, W) in [0, 1].
+    log_prob (old log-prob, float32, of exactly the stored x_{t-1}), and with keep_eps the guided
+    noise eps_theta(x_t) (for evaluation; training recomputes it). images: (B, 3, H, W) in [0, 1].
     """
     scheduler, unet = pipe.scheduler, pipe.unet
     scheduler.set_timesteps(args.steps, device=pipe.device)
     n, size = len(prompt_index), unet.config.sample_size
     x = torch.randn((n, unet.config.in_channels, size, size), generator=generator,
                     device=generator.device).to(pipe.device) * scheduler.init_noise_sigma
-    latents, log_probs = [x], []
+    latents, log_probs, eps_seen = [x], [], []
     for t in scheduler.timesteps:
         eps = guided_eps(unet, x, t, cond[prompt_index], uncond, args.guidance)
         x, log_prob = ddim_step_logprob(scheduler, eps, t, x, args.eta, generator=generator)
         latents.append(x)
         log_probs.append(log_prob)
+        if keep_eps:
+            eps_seen.append(eps)
     latents = torch.stack(latents, dim=1)  # (B, T + 1, 4, h, w)
     steps = len(scheduler.timesteps)
     keep = ddim_sigma(scheduler, scheduler.timesteps, args.eta).to(pipe.device) > 0  # (T,)
@@ -402,6 +405,8 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator):
         step=torch.arange(steps, device=pipe.device)[keep].repeat(n),
         prompt_index=prompt_index.repeat_interleave(int(keep.sum())),
     )
+    if keep_eps:
+        transitions["eps"] = torch.stack(eps_seen, dim=1)[:, keep].flatten(0, 1)  # (B * T', 4, h, w)
     return transitions, decode(pipe, x)
 
 
@@ -865,12 +870,11 @@ def kl_bound(pipe, transitions, cond, uncond, args):
     step_kl = []
     for idx in torch.arange(len(transitions["log_prob"])).split(args.samples_per_iter):
         b = {k: v[idx.to(v.device)] for k, v in transitions.items()}
-        text = cond[b["prompt_index"]]
-        eps = guided_eps(pipe.unet, b["latents"], b["timesteps"], text, uncond, args.guidance)
-        with pretrained_model(pipe.unet):
-            eps_pre = guided_eps(pipe.unet, b["latents"], b["timesteps"], text, uncond, args.guidance)
-        weight = kl_step_weight(pipe.scheduler, b["timesteps"], args.eta).to(eps.device)
-        step_kl.append(weight * ((eps - eps_pre) ** 2).sum(dim=(1, 2, 3)))
+        with pretrained_model(pipe.unet):  # eps_theta was kept by the rollout
+            eps_pre = guided_eps(pipe.unet, b["latents"], b["timesteps"], cond[b["prompt_index"]],
+                                 uncond, args.guidance)
+        weight = kl_step_weight(pipe.scheduler, b["timesteps"], args.eta).to(eps_pre.device)
+        step_kl.append(weight * ((b["eps"] - eps_pre) ** 2).sum(dim=(1, 2, 3)))
     return torch.cat(step_kl)  # (transitions,), image-major like the rollout
 
 
@@ -895,7 +899,8 @@ def evaluate(args):
         for chunk in torch.full((args.eval_samples,), p).split(args.samples_per_iter):
             with pretrained_model(pipe.unet):
                 before.append(rollout(pipe, cond, uncond, chunk.to(args.device), args, seeds[0])[1])
-            transitions, images = rollout(pipe, cond, uncond, chunk.to(args.device), args, seeds[1])
+            transitions, images = rollout(pipe, cond, uncond, chunk.to(args.device), args, seeds[1],
+                                          keep_eps=True)
             after.append(images)
             kl.append(kl_bound(pipe, transitions, cond, uncond, args).unflatten(0, (len(chunk), -1)))
         before, after, kl = torch.cat(before), torch.cat(after), torch.cat(kl).sum(1)  # (n,)
