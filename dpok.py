@@ -670,6 +670,11 @@ def save_checkpoint(args, iteration, unet, optimizer, value_fn, value_opt, buffe
                               "one is intact", 1)
 
 
+def stop_now(signum, frame):
+    raise TrainingStopped(f"{signal.Signals(signum).name}: stopped at once; checkpoints already "
+                          "in --out are kept", 128 + signum)
+
+
 def format_kl(kl):
     return "not computed, beta = 0" if kl is None else f"{kl:.2e}"
 
@@ -735,7 +740,7 @@ def train(args):
 
     def request_stop(signum, frame):
         if stop:
-            raise KeyboardInterrupt
+            stop_now(signum, frame)
         stop.append(signum)
 
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -957,6 +962,8 @@ def main(argv=None):
 
     diffusers_logging.set_verbosity_error()  # our own one-line messages say what went wrong
     transformers_logging.set_verbosity_error()
+    # Outside the training loop (loading, data collection, eval) a signal stops at once.
+    handlers = {sig: signal.signal(sig, stop_now) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = parse_args(argv)
         evaluate(args) if args.eval else train(args)
@@ -966,9 +973,9 @@ def main(argv=None):
     except TrainingStopped as e:
         print(f"\ndpok: {e}", file=sys.stderr)
         return e.code
-    except KeyboardInterrupt:
-        print("\ndpok: stopped at once; the last checkpoint in --out stays", file=sys.stderr)
-        return 130
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -597,3 +597,19 @@ def test_multi_prompt_run_with_the_shipped_prompts_file(tmp_path):
     assert dpok.main(argv) == 0
     assert len(numbers(tmp_path / "run" / "metrics.jsonl")) == 2
     assert len(open(prompts).read().split("\n")) > 4  # the paper's four prompts and more
+
+
+def test_signal_during_supervised_data_collection_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "dpok.py", *SHORT, "--supervised",
+                             "--supervised-samples", "100000", "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__))
+    deadline = time.time() + 120
+    while not out.exists():  # --out is created just before the data collection starts
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "SIGTERM: stopped at once" in err.strip().splitlines()[-1]
