@@ -189,8 +189,11 @@ def check_args(args):
 
 def read_prompts(args):
     try:
-        prompts = [args.prompt.strip()] if args.prompt is not None else [
-            line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+        if args.prompt is not None:
+            prompts = [args.prompt.strip()]
+        else:
+            with open(args.prompts, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
         raise UsageError(f"prompts file not found: {args.prompts}")
     except UnicodeDecodeError:
@@ -640,7 +643,10 @@ def check_out(args):
                          "--overwrite to replace it")
     check_writable(args.out)
     if args.resume:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or not ours: say so instead of a traceback
+            raise UsageError(f"--resume: cannot read {checkpoint} ({type(e).__name__})")
         for name, value in saved["args"].items():
             if name not in RESUMABLE and getattr(args, name) != value:
                 raise UsageError(f"--resume: --{name.replace('_', '-')} was {value!r} in the "

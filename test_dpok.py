@@ -404,6 +404,9 @@ def test_resume_refuses_changed_algorithm_flags_and_missing_checkpoints(tmp_path
     assert "--kl-beta was 0.01 in the checkpoint" in capsys.readouterr().err
     assert dpok.main([*SHORT, "--iterations", "2", "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "no checkpoint.pt" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")
+    assert dpok.main([*SHORT, "--iterations", "2", "--out", out, "--resume"]) == 2
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_previous_run_is_never_silently_overwritten(tmp_path, capsys):
