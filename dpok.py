@@ -2,8 +2,8 @@
 
 Fan et al., "DPOK: Reinforcement Learning for Fine-tuning Text-to-Image Diffusion Models",
 NeurIPS 2023, https://arxiv.org/abs/2305.16381. One file, read top to bottom like the paper:
-models -> sampler -> rollout -> rewards -> value function -> losses -> training loop ->
-supervised baseline -> evaluation -> CLI.
+models -> sampler -> rollout -> rewards -> value function -> losses -> one DPOK iteration ->
+supervised baseline -> the run around them (training loop, checkpoints) -> evaluation -> CLI.
 
     python dpok.py --prompt "A green colored rabbit" --kl-beta 0.01     # SD v1.5 + ImageReward, GPU
     python dpok.py --tiny --prompt "a green colored rabbit"             # offline, CPU, ~2 minutes
@@ -20,20 +20,25 @@ Where this file departs from the paper / official code (README "Deviations" mirr
  5. The pretrained reference is the same UNet with the LoRA adapters disabled (no second UNet).
  6. Log-probs and ratios are computed in float32 on the stored float32 latents, even when the
     UNet runs in half precision; the default GPU dtype is bfloat16 (official: fp16).
- 7. `--tiny` changes defaults for a random CPU-sized model (see TINY_DEFAULTS): fewer steps,
+ 7. The value function reads the pooled (end-of-text) output of SD's own text encoder, not the
+    projected text feature of a separately loaded CLIP ViT-L/14: SD v1.5's text encoder is that
+    text tower, so the two differ by a linear map its first layer absorbs, and no third model
+    is loaded.
+ 8. `--tiny` changes defaults for a random CPU-sized model (see TINY_DEFAULTS): fewer steps,
     lower guidance, a far larger learning rate, a wider ratio clip and alpha scaled to the
     colour reward's spread; its GroupNorms have one group. The algorithm is unchanged.
- 8. Supervised baseline: rewards are min-max normalised to [0, 1] (the loss needs non-negative
+ 9. Supervised baseline: rewards are min-max normalised to [0, 1] (the loss needs non-negative
     weights), and its noise predictions are conditional (no guidance).
 """
 
 import argparse
 import contextlib
 import dataclasses
-import io
+import importlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -69,20 +74,20 @@ class Args:
     lora_rank: int = opt(4, "LoRA rank on the UNet attention projections")
     steps: int = opt(50, "DDIM steps T per image (paper Sec. 5)")
     guidance: float = opt(7.5, "classifier-free guidance scale w")
-    eta: float = opt(1.0, "DDIM eta; > 0 so that every step is a Gaussian policy (Sec. 4)")
+    eta: float = opt(1.0, "DDIM eta in (0, 1]; > 0 so that every step is a Gaussian policy")
     samples_per_iter: int = opt(10, "images sampled per iteration (g_batch_size)")
     buffer_size: int = opt(1000, "FIFO buffer of the last N transitions")
     policy_steps: int = opt(5, "optimizer steps per iteration (p_step)")
     grad_accum: int = opt(12, "micro-batches accumulated per optimizer step")
     batch_size: int = opt(4, "transitions per micro-batch (p_batch_size)")
-    lr: float = opt(1e-5, "AdamW learning rate of the LoRA weights")
+    lr: float = opt(1e-5, "AdamW learning rate of the LoRA weights (weight decay 0, official)")
     clip_norm: float = opt(0.1, "gradient-norm clip")
     reward_alpha: float = opt(10.0, "alpha: weight of the reward term (reward_weight)")
     kl_beta: float = opt(0.01, "beta: weight of the KL regulariser (kl_weight)")
     ratio_clip: float = opt(1e-4, "importance ratio clamped to [1 - c, 1 + c]")
     no_value: bool = opt(False, "no value function: advantage = reward")
-    value_steps: int = opt(5, "value-function AdamW steps per iteration (v_step)")
-    value_batch_size: int = opt(256, "transitions per value-function step")
+    value_steps: int = opt(5, "value batches accumulated into its one AdamW step per iteration (v_step)")
+    value_batch_size: int = opt(256, "transitions per value-function batch (v_batch_size)")
     value_lr: float = opt(1e-4, "value-function learning rate")
     iterations: int = opt(2000, "outer iterations (official: 10000 policy steps / 5)")
     seed: int = opt(0, "seed of everything")
@@ -103,157 +108,46 @@ class Args:
 
 # Tiny-world defaults, calibrated on 2 CPU cores (~1 s an iteration): a random model learns only
 # with a learning rate far above the paper's 1e-5; at that rate the official 1e-4 ratio clip
-# clamps ~60% of transitions (reward 0.06 -> 0.14 in 100 iterations, against 0.21 with 0.2).
-# The colour reward varies ~50x less between images than ImageReward (std ~0.02 vs ~1), so
-# alpha is scaled by the same factor to keep the paper's balance of reward against KL.
+# clamps most transitions. The colour reward varies ~50x less between images than ImageReward
+# (std ~0.02 vs ~1), so alpha is scaled by the same factor to keep the paper's balance of reward
+# against KL. The value function takes one step per iteration (official), so its learning rate
+# is raised until it fits within tens of iterations. (README "Deviations" 8 has the numbers.)
 TINY_DEFAULTS = dict(
     reward="color", steps=10, guidance=3.0, samples_per_iter=8, buffer_size=160,
     policy_steps=2, grad_accum=2, batch_size=16, lr=3e-3, ratio_clip=0.2, reward_alpha=500.0,
-    value_steps=10, value_batch_size=128, value_lr=1e-3, iterations=100, save_every=25,
+    value_steps=10, value_batch_size=128, value_lr=1e-2, iterations=100, save_every=25,
     supervised_samples=800, eval_samples=32,
 )
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input (argparse adds the usage)
-        raise UsageError(message)
-
-
-def parse_args(argv=None):
-    parser = Parser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Args):
-        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            parser.add_argument(name, action="store_true", help=help)
-        else:
-            if f.default is not None:
-                tiny = f"; --tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
-                help = f"{help} (default {f.default}{tiny})"
-            parser.add_argument(name, type=f.type, help=help)
-    given = vars(parser.parse_args(argv))
-    args = Args(**{**(TINY_DEFAULTS if given.get("tiny") else {}), **given})
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    def bad(msg):
-        raise UsageError(msg)
-
-    if (args.prompt is None) == (args.prompts is None):
-        bad("give exactly one of --prompt TEXT or --prompts FILE")
-    if args.prompt is not None and not args.prompt.strip():
-        bad("--prompt is empty")
-    for name in ("steps", "samples_per_iter", "buffer_size", "policy_steps", "grad_accum",
-                 "batch_size", "iterations", "lora_rank", "value_steps", "value_batch_size",
-                 "grid_every", "save_every", "supervised_samples", "eval_samples"):
-        if getattr(args, name) <= 0:
-            bad(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.eval and args.eval_samples < 2:
-        bad("--eval-samples must be at least 2 (the table reports a standard deviation)")
-    for name in ("guidance", "eta", "lr", "clip_norm", "reward_alpha", "kl_beta", "ratio_clip",
-                 "value_lr"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
-            bad(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    if args.eta == 0:
-        bad("--eta 0 makes DDIM deterministic: no step has a log-probability, DPOK needs eta > 0")
-    if args.batch_size * args.grad_accum > args.buffer_size:
-        bad(f"--batch-size x --grad-accum ({args.batch_size * args.grad_accum}) exceeds "
-            f"--buffer-size ({args.buffer_size})")
-    if args.eval != (args.lora is not None):
-        bad("--eval needs --lora DIR (and --lora is only used with --eval)")
-    if args.eval and args.supervised:
-        bad("--eval does not train; drop --supervised")
-    if args.lora and not os.path.isfile(os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
-        bad(f"--lora {args.lora}: no pytorch_lora_weights.safetensors there")
-    if args.reward not in REWARDS:
-        bad(f"unknown --reward {args.reward!r}; choose from {', '.join(REWARDS)}")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        bad(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        bad(f"--device {args.device} asked for, but no CUDA GPU is available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        bad(f"unsupported --device {args.device!r}; use cpu, cuda or cuda:N")
-    if args.dtype is None:
-        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if args.dtype not in ("float32", "bfloat16", "float16"):
-        bad(f"unknown --dtype {args.dtype!r}; use float32, bfloat16 or float16")
-    if args.dtype == "float16" and device.type == "cpu":
-        bad("--dtype float16 is not supported on CPU; use float32 (or bfloat16)")
-
-
-def read_prompts(args):
-    try:
-        if args.prompt is not None:
-            prompts = [args.prompt.strip()]
-        else:
-            with open(args.prompts, encoding="utf-8") as f:
-                prompts = [line.strip() for line in f if line.strip()]
-    except FileNotFoundError:
-        raise UsageError(f"prompts file not found: {args.prompts}")
-    except UnicodeDecodeError:
-        raise UsageError(f"prompts file is not UTF-8 text: {args.prompts}")
-    except OSError as e:
-        raise UsageError(f"cannot read prompts file {args.prompts}: {e.strerror}")
-    if not prompts:
-        raise UsageError(f"prompts file has no prompts: {args.prompts}")
-    if args.reward == "color":
-        [prompt_colour(p) for p in prompts]  # a prompt with no colour word is bad input
-    return prompts
-
-
 # ----------------------------------------------------------------------------------------------
-# Models: Stable Diffusion through diffusers, or a tiny random pipeline of the same shape.
+# Models: Stable Diffusion through diffusers (or the offline world's tiny pipeline), LoRA on the UNet.
 
 
-def tiny_pipeline(seed=0):
-    """A random SD-shaped pipeline built in code: 8x8x4 latents, 64 px images, no download.
+def ddim_scheduler(config, steps):
+    """The paper's sampler, DDIM, from a model's scheduler config (SD v1.5 ships PNDM).
 
-    GroupNorm with one group (SD: 32) in the UNet and the VAE: with one group per channel, a
-    random model normalises away every per-channel shift, so colour can barely be learned
-    (measured: the mean reward did not move in 60 iterations; with one group it triples).
-
-    The tokenizer is CLIP's byte-level BPE with a vocabulary written here (256 bytes, each also
-    as a word end, no merges): every prompt tokenises, one token per character.
+    `ddim_step_logprob` is `DDIMScheduler.step` for epsilon prediction without clipping or
+    thresholding; any other setting would make every log-prob silently wrong. Another prediction
+    type is refused; clipping and thresholding are switched off, saying so (SD v1.5's config
+    sets clip_sample false; DDIM's default is true).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from diffusers import DDIMScheduler
 
-    torch.manual_seed(seed)
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "vocab.json"), "w") as f:
-            json.dump({token: i for i, token in enumerate(vocab)}, f)
-        with open(os.path.join(tmp, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
-                                  model_max_length=77)  # SD's context length
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1))
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
-        norm_num_groups=1)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32), norm_num_groups=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    # SD v1.5's scheduler: scaled-linear betas, steps_offset 1, final alpha = alphas_cumprod[0].
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler.from_config(config)
+    if scheduler.config.prediction_type != "epsilon":
+        raise UsageError(f"the model predicts {scheduler.config.prediction_type!r}; the DPOK "
+                         "sampler implements epsilon prediction only")
+    if steps > scheduler.config.num_train_timesteps:
+        raise UsageError(f"--steps {steps} exceeds the model's "
+                         f"{scheduler.config.num_train_timesteps} training timesteps")
+    off = [name for name in ("clip_sample", "thresholding") if scheduler.config[name]]
+    if off:
+        print(f"dpok: note: the model's scheduler config sets {' and '.join(off)}, which the DPOK "
+              "sampler does not implement; sampling without", file=sys.stderr)
+        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False,
+                                              thresholding=False)
+    return scheduler
 
 
 def load_pipeline(args):
@@ -261,24 +155,28 @@ def load_pipeline(args):
 
     dtype = getattr(torch, args.dtype)
     if args.tiny:
-        pipe = tiny_pipeline(args.seed)
+        pipe = importlib.import_module("offline").tiny_pipeline(args.seed)
+        pipe.scheduler = ddim_scheduler(pipe.scheduler.config, args.steps)
     else:
-        try:
+        try:  # the scheduler first: an unsupported one is refused before the weights load
+            config = DDIMScheduler.load_config(args.model, subfolder="scheduler")
             pipe = StableDiffusionPipeline.from_pretrained(
-                args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+                args.model, scheduler=ddim_scheduler(config, args.steps), torch_dtype=dtype,
+                safety_checker=None, requires_safety_checker=False)
+        except UsageError:
+            raise
         except Exception as e:  # offline, unknown id, incomplete folder: all end the same way
             raise UsageError(
                 f"cannot load model {args.model!r} ({type(e).__name__}); download it once with "
                 f"`huggingface-cli download {args.model}` while online, or run offline with --tiny")
-        # The paper samples with DDIM (eta = 1); SD v1.5 ships a PNDM scheduler.
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    if pipe.scheduler.config.prediction_type != "epsilon" or pipe.scheduler.config.thresholding:
-        raise UsageError(f"{args.model}: only epsilon-prediction models without thresholding")
     pipe.to(args.device, dtype)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     return pipe
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection (official)
 
 
 def add_lora(unet, rank):
@@ -290,18 +188,25 @@ def add_lora(unet, rank):
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
+    width = min(min(m.in_features, m.out_features) for name, m in unet.named_modules()
+                if name.endswith(LORA_TARGETS))
+    if rank > width:
+        raise UsageError(f"--lora-rank {rank} exceeds the narrowest attention projection ({width})")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                target_modules=list(LORA_TARGETS)))
     cast_training_params(unet, torch.float32)  # fp32 master weights under half precision
     return [p for p in unet.parameters() if p.requires_grad]
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts):
-    """Text embeddings (P, L, D) of the prompts and (1, L, D) of the empty prompt.
-    Computed once: LoRA is on the UNet only, so they never change."""
-    cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, True)
-    return cond, uncond[:1]
+    """CLIP text-encoder outputs, computed once (LoRA is on the UNet only, so they never change):
+    the token states (P, L, D) that condition the UNet, those of the empty prompt (1, L, D) for
+    guidance, and the pooled end-of-text features (P, D) that the value function reads."""
+    ids = pipe.tokenizer([*prompts, ""], padding="max_length", truncation=True, return_tensors="pt",
+                         max_length=pipe.tokenizer.model_max_length).input_ids
+    out = pipe.text_encoder(ids.to(pipe.device))
+    return out.last_hidden_state[:-1], out.last_hidden_state[-1:], out.pooler_output[:-1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,54 +315,12 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
     )
     if keep_eps:
         transitions["eps"] = torch.stack(eps_seen, dim=1)[:, keep].flatten(0, 1)  # (B * T', 4, h, w)
-    return transitions, decode(pipe, x)
-
-
-@torch.no_grad()
-def decode(pipe, latents):
-    images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(images.float(), output_type="pt")  # (B, 3, H, W)
+    images = pipe.vae.decode(x.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+    return transitions, pipe.image_processor.postprocess(images.float(), output_type="pt")
 
 
 # ----------------------------------------------------------------------------------------------
-# Rewards r(x_0, z): ImageReward (the paper's), and two that need no weights.
-
-COLOURS = {  # colour word -> RGB channels that should dominate
-    "red": [0], "green": [1], "blue": [2], "yellow": [0, 1], "cyan": [1, 2], "magenta": [0, 2],
-    "purple": [0, 2], "pink": [0, 2],
-}
-
-
-def prompt_colour(prompt):
-    words = [w.strip(".,;:!?\"'") for w in prompt.lower().split()]
-    found = [w for w in words if w in COLOURS]
-    if not found:
-        raise UsageError(f"--reward color needs a colour word ({', '.join(COLOURS)}) in "
-                         f"every prompt; none in {prompt!r}")
-    return found[0]
-
-
-def color_reward(images, prompts):
-    """Mean over pixels of (colour channels) - (other channels), in [-1, 1]:
-    "a green colored rabbit" -> mean of G - (R + B) / 2."""
-    rewards = []
-    for image, prompt in zip(images, prompts):
-        plus = torch.zeros(3, dtype=torch.bool)
-        plus[COLOURS[prompt_colour(prompt)]] = True
-        rewards.append(image[plus].mean() - image[~plus].mean())
-    return torch.stack(rewards).float().cpu()
-
-
-def compressibility_reward(images, prompts):
-    """DDPO's JPEG compressibility: minus the file size in kB at quality 95."""
-    from torchvision.transforms.functional import to_pil_image
-
-    sizes = []
-    for image in images:
-        buffer = io.BytesIO()
-        to_pil_image(image.float().cpu()).save(buffer, format="JPEG", quality=95)
-        sizes.append(-buffer.tell() / 1000)
-    return torch.tensor(sizes)
+# Rewards r(x_0, z): ImageReward (the paper's); offline.py has two that need no weights.
 
 
 def imagereward_reward(device, model=None):
@@ -487,8 +350,12 @@ def imagereward_reward(device, model=None):
     return reward
 
 
-REWARDS = {"imagereward": imagereward_reward, "color": lambda device: color_reward,
-           "compressibility": lambda device: compressibility_reward}
+def offline_reward(name):  # offline.py is imported only when one of its rewards is used
+    return lambda device: getattr(importlib.import_module("offline"), f"{name}_reward")
+
+
+REWARDS = {"imagereward": imagereward_reward, "color": offline_reward("color"),
+           "compressibility": offline_reward("compressibility")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,36 +363,30 @@ REWARDS = {"imagereward": imagereward_reward, "color": lambda device: color_rewa
 
 
 class ValueFunction(nn.Module):
-    """MLP on (flattened x_t, mean text embedding); each of its three 256-wide layers is
-    scaled by a learned embedding of the step index, as in the official code."""
+    """The official `ValueMulti`: on [flattened x_t, text feature of z] three 256-wide layers,
+    each ReLU(Embedding(t) * Linear(h)) with its own step embedding initialised U(0, 1) and
+    xavier-normal weights, then a linear head (deviation 7: the text feature)."""
 
     def __init__(self, latent_dim, text_dim, steps, width=256):
         super().__init__()
         self.layers = nn.ModuleList([nn.Linear(latent_dim + text_dim, width),
                                      nn.Linear(width, width), nn.Linear(width, width)])
-        self.step_scale = nn.Embedding(steps, 3 * width)
-        nn.init.ones_(self.step_scale.weight)
+        self.step_embeddings = nn.ModuleList([nn.Embedding(steps, width) for _ in range(3)])
         self.head = nn.Linear(width, 1)
+        for linear in (*self.layers, self.head):
+            nn.init.xavier_normal_(linear.weight)
+        for embedding in self.step_embeddings:
+            nn.init.uniform_(embedding.weight)
 
     def forward(self, latents, text, step):
-        h = torch.cat([latents.flatten(1).float(), text.mean(1).float()], dim=1)
-        for layer, scale in zip(self.layers, self.step_scale(step).chunk(3, dim=1)):
-            h = F.silu(layer(h) * scale)
+        h = torch.cat([latents.flatten(1).float(), text.float()], dim=1)
+        for layer, embedding in zip(self.layers, self.step_embeddings):
+            h = F.relu(embedding(step) * layer(h))
         return self.head(h).squeeze(1)
 
 
-def value_step(value_fn, value_opt, batch, cond):
-    """One regression step of V onto the final reward (MSE), on random buffer transitions."""
-    loss = F.mse_loss(value_fn(batch["latents"], cond[batch["prompt_index"]], batch["step"]),
-                      batch["reward"])
-    value_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    value_opt.step()
-    return loss.item()
-
-
 # ----------------------------------------------------------------------------------------------
-# Losses (paper Sec. 4, Eq. for the KL-regularised objective; official train_online_pg.py).
+# Losses (paper Sec. 4, the KL-regularised objective; official train_online_pg.py).
 
 
 def kl_regulariser(eps, eps_pre):
@@ -542,22 +403,25 @@ def kl_step_weight(scheduler, timestep, eta):
     return c**2 / (2 * sigma**2)
 
 
-def policy_loss(unet, scheduler, batch, cond, uncond, value_fn, args):
+def value_loss(value_fn, batch, text_features):
+    """MSE of V(x_t, z, t) against the final reward r(x_0, z) of the transition's image."""
+    prediction = value_fn(batch["latents"], text_features[batch["prompt_index"]], batch["step"])
+    return F.mse_loss(prediction, batch["reward"])
+
+
+def policy_loss(unet, scheduler, batch, cond, uncond, args):
     """DPOK's per-transition loss (official form, deviation 3):
         -alpha * A * clamp(p_theta(x_{t-1}|x_t) / p_old(x_{t-1}|x_t), 1 - c, 1 + c) + beta * KL_t
-    with A = r - V(x_t, z, t). Its gradient is the policy gradient of Sec. 4 with importance
-    weights for transitions sampled by an earlier policy, plus the online KL of Sec. 4."""
+    with the advantage A that the batch carries. Its gradient is the policy gradient of Sec. 4
+    with importance weights for transitions sampled by an earlier policy, plus the gradient of
+    the online KL of Sec. 4."""
     text = cond[batch["prompt_index"]]
     eps = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond, args.guidance)
     _, log_prob = ddim_step_logprob(scheduler, eps, batch["timesteps"],
                                     batch["latents"], args.eta, prev_sample=batch["next_latents"])
     ratio = torch.exp(log_prob - batch["log_prob"])
-    advantage = batch["reward"]
-    if value_fn is not None:
-        with torch.no_grad():
-            advantage = advantage - value_fn(batch["latents"], text, batch["step"])
     clipped = ratio.clamp(1 - args.ratio_clip, 1 + args.ratio_clip)
-    loss = -args.reward_alpha * advantage * clipped
+    loss = -args.reward_alpha * batch["advantage"] * clipped
     stats = dict(ratio=ratio.mean().item(), clipfrac=(ratio != clipped).float().mean().item())
     if args.kl_beta > 0:  # no second UNet pass when the estimator does not need it
         with pretrained_model(unet), torch.no_grad():
@@ -584,10 +448,50 @@ def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0.0) + v * share
     return stats
-
-
 # ----------------------------------------------------------------------------------------------
-# Training loop (PAPER.md Sec. 3): rollout -> buffer -> value function -> policy steps.
+# One DPOK iteration (PAPER.md Sec. 3, the paper's Algorithm 1): rollout -> score -> buffer ->
+# value function -> policy updates.
+
+
+@dataclass
+class Run:
+    """What a training run holds: the models and their optimizers, the buffer, the RNG state."""
+    pipe: object
+    prompts: list
+    cond: torch.Tensor  # (P, L, D) text-encoder states of the prompts
+    uncond: torch.Tensor  # (1, L, D) of the empty prompt
+    text_features: torch.Tensor  # (P, D) pooled, for the value function
+    reward_fn: object
+    params: list  # the LoRA weights
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    value_fn: ValueFunction = None
+    value_opt: torch.optim.Optimizer = None
+    generator: torch.Generator = None  # every random draw after start-up comes from it
+    buffer: dict = None  # transitions, each key (N, ...)
+    prompt_queue: list = field(default_factory=list)  # what is left of the current pass
+
+
+def next_prompts(run, n):
+    """The next n prompt indices of an endless sequence of shuffled passes over the prompts (the
+    official data iterator): distinct within an iteration while there are at least n prompts."""
+    chosen = []
+    while len(chosen) < n:
+        if not run.prompt_queue:
+            run.prompt_queue = torch.randperm(len(run.prompts), generator=run.generator).tolist()
+        # a prompt already chosen in this iteration waits for the next one, unless all were
+        pick = next((i for i in run.prompt_queue if i not in chosen), run.prompt_queue[0])
+        run.prompt_queue.remove(pick)
+        chosen.append(pick)
+    return torch.tensor(chosen, device=run.cond.device)
+
+
+def score(run, images, prompt_index):
+    """r(x_0, z) of each image, float32; a non-finite reward stops the run."""
+    with torch.no_grad():
+        rewards = run.reward_fn(images, [run.prompts[i] for i in prompt_index]).float()
+    check_finite("reward", rewards.sum().item())
+    return rewards.to(run.cond.device)
 
 
 def sample_batch(buffer, size, generator):
@@ -596,18 +500,174 @@ def sample_batch(buffer, size, generator):
     return {k: v[idx.to(v.device)] for k, v in buffer.items()}
 
 
+def update(run, batch, loss_fn, args):
+    """One AdamW step of the LoRA weights on the mean loss over `batch`, accumulated over
+    micro-batches of batch_size, its gradient norm clipped to clip_norm (official)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    stats = accumulate_gradient(loss_fn, batch, args.batch_size, run.scaler)
+    check_finite("loss", stats["loss"])
+    run.scaler.unscale_(run.optimizer)
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.params, args.clip_norm).item()
+    if not run.scaler.is_enabled():  # under fp16 the scaler skips steps with inf gradients
+        check_finite("gradient norm", stats["grad_norm"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return stats
+
+
+def update_value_function(run, args):
+    """ONE AdamW step on the MSE gradient accumulated over value_steps random batches of
+    value_batch_size buffer transitions, each backward of loss / value_steps (official)."""
+    run.value_opt.zero_grad(set_to_none=True)
+    mse = 0.0
+    for _ in range(args.value_steps):
+        loss = value_loss(run.value_fn, sample_batch(run.buffer, args.value_batch_size, run.generator),
+                          run.text_features)
+        (loss / args.value_steps).backward()
+        mse += loss.item() / args.value_steps
+    check_finite("value loss", mse)
+    run.value_opt.step()
+    return mse
+
+
+def dpok_iteration(run, args):
+    """Returns the iteration's metrics and its images."""
+    # 1. Rollout: samples_per_iter images from the current policy p_theta, every transition with
+    #    its old log-prob; score each x_0 with r(x_0, z) and give every transition its reward.
+    prompt_index = next_prompts(run, args.samples_per_iter)
+    transitions, images = rollout(run.pipe, run.cond, run.uncond, prompt_index, args, run.generator)
+    rewards = score(run, images, prompt_index)
+    transitions["reward"] = rewards.repeat_interleave(len(transitions["log_prob"]) // len(rewards))
+    # 2. FIFO buffer of the last buffer_size transitions.
+    run.buffer = {k: (v if run.buffer is None else torch.cat([run.buffer[k], v]))[-args.buffer_size:]
+                  for k, v in transitions.items()}
+    # 3. Value function V(x_t, z, t): one step towards the final rewards in the buffer.
+    value_mse = None if run.value_fn is None else update_value_function(run, args)
+    # 4. Policy: policy_steps updates on random buffer transitions, with the advantage
+    #    A = r - V(x_t, z, t) of the just-updated V (official: no normalisation; no V: A = r).
+    history = []
+    for _ in range(args.policy_steps):
+        batch = sample_batch(run.buffer, args.grad_accum * args.batch_size, run.generator)
+        with torch.no_grad():
+            baseline = 0.0 if run.value_fn is None else run.value_fn(
+                batch["latents"], run.text_features[batch["prompt_index"]], batch["step"])
+        batch["advantage"] = batch["reward"] - baseline
+        history.append(update(run, batch, lambda micro: policy_loss(
+            run.pipe.unet, run.pipe.scheduler, micro, run.cond, run.uncond, args), args))
+    return dict(reward_mean=rewards.mean().item(), reward_std=std(rewards),
+                **{"kl": None, **mean_of(history)}, value_loss=value_mse), images
+
+
+def std(x):
+    return x.std().item() if len(x) > 1 else 0.0
+
+
+def mean_of(history):
+    """Mean of each statistic over the updates of an iteration."""
+    return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+
+
+def check_finite(name, value):
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{name} ({value})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised baseline (paper Sec. 4.2, after Lee et al. 2023): reward-weighted denoising on images
+# sampled once from the pretrained model, with the KL term evaluated offline on them ("KL-O").
+
+
+@torch.no_grad()
+def collect_supervised_data(run, args):
+    """Sample --supervised-samples images per prompt from the pretrained model, score them once.
+
+    The loss weights rewards, so they must be non-negative: they are min-max normalised over the
+    whole data set to [0, 1] (worst image 0, best 1), which keeps their order and alpha's scale.
+    """
+    index = torch.arange(len(run.prompts)).repeat_interleave(args.supervised_samples)
+    latents, rewards = [], []
+    with pretrained_model(run.pipe.unet):
+        for chunk in tqdm(index.split(args.samples_per_iter), desc="sampling data", leave=False):
+            chunk = chunk.to(run.cond.device)
+            transitions, images = rollout(run.pipe, run.cond, run.uncond, chunk, args, run.generator)
+            latents.append(transitions["next_latents"].unflatten(0, (len(chunk), -1))[:, -1])  # x_0
+            rewards.append(score(run, images, chunk))
+    rewards = torch.cat(rewards)
+    weight = (rewards - rewards.min()) / (rewards.max() - rewards.min()).clamp(min=1e-12)
+    print(f"dpok: supervised data: {len(rewards)} images, reward {rewards.mean():.4f} "
+          f"+- {std(rewards):.4f}", file=sys.stderr)
+    return dict(latents=torch.cat(latents), prompt_index=index.to(run.cond.device), reward=weight)
+
+
+def supervised_loss(unet, scheduler, batch, cond, args, generator):
+    """alpha * w(r) * ||n - eps_theta(x_t, t, z)||^2 + beta * ||eps_theta - eps_pre||^2 on
+    x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n with t uniform, n ~ N(0, I) (PAPER.md Sec. 4).
+    Conditional noise predictions (no guidance), as in ordinary diffusion fine-tuning."""
+    x0, text = batch["latents"], cond[batch["prompt_index"]]
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    x_t = scheduler.add_noise(x0, noise, t.to(x0.device))
+    eps = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample.float()
+    denoise = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+    loss = args.reward_alpha * batch["reward"] * denoise
+    stats = dict(denoise=denoise.mean().item())
+    if args.kl_beta > 0:
+        with pretrained_model(unet), torch.no_grad():
+            eps_pre = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample
+        kl = kl_regulariser(eps, eps_pre.float())
+        loss = loss + args.kl_beta * kl
+        stats["kl"] = kl.mean().item()
+    return loss.mean(), dict(stats, loss=loss.mean().item())
+
+
+def supervised_iteration(run, args):
+    """The baseline's iteration: policy_steps updates on random batches of its fixed data set
+    (run.buffer); fresh samples are drawn only to measure the reward as DPOK's iterations do."""
+    prompt_index = next_prompts(run, args.samples_per_iter)
+    _, images = rollout(run.pipe, run.cond, run.uncond, prompt_index, args, run.generator)
+    rewards = score(run, images, prompt_index)
+    history = [update(run, sample_batch(run.buffer, args.grad_accum * args.batch_size, run.generator),
+                      lambda micro: supervised_loss(run.pipe.unet, run.pipe.scheduler, micro,
+                                                    run.cond, args, run.generator), args)
+               for _ in range(args.policy_steps)]
+    return dict(reward_mean=rewards.mean().item(), reward_std=std(rewards),
+                **{"kl": None, **mean_of(history)}, value_loss=None), images
+# ----------------------------------------------------------------------------------------------
+# The run around the iterations: set-up, output folder, checkpoints and resume, signals, logging.
+
+
+def setup(args, prompts):
+    torch.manual_seed(args.seed)  # LoRA and value-function initialisation
+    pipe = load_pipeline(args)
+    params = add_lora(pipe.unet, args.lora_rank)
+    cond, uncond, text_features = encode_prompts(pipe, prompts)
+    run = Run(pipe=pipe, prompts=prompts, cond=cond, uncond=uncond, text_features=text_features,
+              reward_fn=REWARDS[args.reward](args.device), params=params,
+              optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),  # official
+              scaler=torch.amp.GradScaler(enabled=args.dtype == "float16"),
+              generator=torch.Generator().manual_seed(args.seed))
+    if not (args.no_value or args.supervised):
+        latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
+        run.value_fn = ValueFunction(latent_dim, text_features.shape[-1], args.steps).to(args.device)
+        # torch's default weight decay (0.01), as the official value optimizer
+        run.value_opt = torch.optim.AdamW(run.value_fn.parameters(), lr=args.value_lr)
+    return run
+
+
 def save_lora(unet, out):
     """LoRA weights in diffusers' format: StableDiffusionPipeline.load_lora_weights(out) loads them.
-    Written to a temporary folder and renamed, so a crash never leaves a half-written file."""
+    Written in a temporary folder and renamed, so a crash never leaves a half-written file."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    name = "pytorch_lora_weights.safetensors"
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        # a copy is an ordinary file (mode from the umask); safetensors writes its files 0600
+        shutil.copyfile(os.path.join(tmp, name), os.path.join(tmp, "copy"))
+        os.replace(os.path.join(tmp, "copy"), os.path.join(out, name))
 
 
 class TrainingStopped(Exception):
@@ -636,7 +696,7 @@ def check_out(args):
     """Fail on an unusable --out before any work, and write nothing there on bad input."""
     checkpoint = os.path.join(args.out, "checkpoint.pt")
     previous = os.path.exists(os.path.join(args.out, "metrics.jsonl")) or os.path.exists(checkpoint)
-    if args.resume and not os.path.exists(checkpoint):
+    if args.resume and not os.path.isfile(checkpoint):
         raise UsageError(f"--resume: no checkpoint.pt in {args.out}")
     if previous and not (args.resume or args.overwrite):
         raise UsageError(f"--out {args.out} holds a previous run; add --resume to continue it or "
@@ -645,9 +705,10 @@ def check_out(args):
     if args.resume:
         try:
             saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            saved_args = saved["args"]
         except Exception as e:  # truncated or not ours: say so instead of a traceback
             raise UsageError(f"--resume: cannot read {checkpoint} ({type(e).__name__})")
-        for name, value in saved["args"].items():
+        for name, value in saved_args.items():
             if name not in RESUMABLE and getattr(args, name) != value:
                 raise UsageError(f"--resume: --{name.replace('_', '-')} was {value!r} in the "
                                  f"checkpoint, now {getattr(args, name)!r}; resume with the same value")
@@ -659,21 +720,35 @@ def check_out(args):
     return None
 
 
-def save_checkpoint(args, iteration, unet, optimizer, value_fn, value_opt, buffer, generator):
+def save_checkpoint(run, args, iteration):
     """Everything a resumed run needs to continue bit for bit; written atomically (tmp + rename)."""
     state = dict(
-        iteration=iteration, args=dataclasses.asdict(args), buffer=buffer,
-        lora={n: p.detach() for n, p in unet.named_parameters() if p.requires_grad},
-        optimizer=optimizer.state_dict(), generator=generator.get_state(),
-        value_fn=value_fn and value_fn.state_dict(), value_opt=value_opt and value_opt.state_dict())
+        iteration=iteration, args=dataclasses.asdict(args), buffer=run.buffer,
+        prompt_queue=run.prompt_queue, generator=run.generator.get_state(),
+        lora={n: p.detach() for n, p in run.pipe.unet.named_parameters() if p.requires_grad},
+        optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+        value_fn=run.value_fn and run.value_fn.state_dict(),
+        value_opt=run.value_opt and run.value_opt.state_dict())
     path = os.path.join(args.out, "checkpoint.pt")
     try:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
-        save_lora(unet, args.out)
+        save_lora(run.pipe.unet, args.out)
     except OSError as e:  # disk full, folder removed: the previous checkpoint is still whole
         raise TrainingStopped(f"cannot write the checkpoint in {args.out} ({e}); the previous "
                               "one is intact", 1)
+
+
+def restore(run, saved, args):
+    run.pipe.unet.load_state_dict(saved["lora"], strict=False)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scaler.load_state_dict(saved["scaler"])
+    if run.value_fn is not None:
+        run.value_fn.load_state_dict(saved["value_fn"])
+        run.value_opt.load_state_dict(saved["value_opt"])
+    run.generator.set_state(saved["generator"])
+    run.buffer = {k: v.to(args.device) for k, v in saved["buffer"].items()}
+    run.prompt_queue = saved["prompt_queue"]
 
 
 def stop_now(signum, frame):
@@ -685,61 +760,30 @@ def format_kl(kl):
     return "not computed, beta = 0" if kl is None else f"{kl:.2e}"
 
 
-def check_finite(name, value, iteration):
-    if not math.isfinite(value):
-        raise TrainingStopped(f"non-finite {name} ({value}) at iteration {iteration}; stopped, the "
-                              "last checkpoint in --out is the last good state", 1)
-
-
 def train(args):
     prompts = read_prompts(args)
     saved = check_out(args)
-    torch.manual_seed(args.seed)
-    pipe = load_pipeline(args)
-    reward_fn = REWARDS[args.reward](args.device)
-    params = add_lora(pipe.unet, args.lora_rank)
-    cond, uncond = encode_prompts(pipe, prompts)
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
-    scaler = torch.amp.GradScaler(enabled=args.dtype == "float16")
-    value_fn = value_opt = None
-    if not (args.no_value or args.supervised):
-        latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
-        value_fn = ValueFunction(latent_dim, cond.shape[-1], args.steps).to(args.device)
-        value_opt = torch.optim.AdamW(value_fn.parameters(), lr=args.value_lr)
-    generator = torch.Generator().manual_seed(args.seed)
+    run = setup(args, prompts)
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    buffer, history, first = None, [], 0
+    history, first = [], 0
     if saved is not None:  # resume: restore every state, drop metrics of unsaved iterations
-        pipe.unet.load_state_dict(saved["lora"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        if value_fn is not None:
-            value_fn.load_state_dict(saved["value_fn"])
-            value_opt.load_state_dict(saved["value_opt"])
-        generator.set_state(saved["generator"])
-        buffer = {k: v.to(args.device) for k, v in saved["buffer"].items()}
+        restore(run, saved, args)
         first = saved["iteration"]
         with open(metrics_path) as f:
             history = [m for m in map(json.loads, f) if m["iteration"] < first]
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in history)
     elif args.supervised:  # the baseline's fixed data set plays the buffer's part
-        buffer = collect_supervised_data(pipe, cond, uncond, prompts, reward_fn, args, generator)
+        run.buffer = collect_supervised_data(run, args)
     per_update = args.batch_size * args.grad_accum
     print(f"dpok: {'tiny random pipeline' if args.tiny else args.model} on {args.device} "
-          f"({args.dtype}), reward {args.reward}, {len(prompts)} prompt(s), {len(params)} LoRA "
-          f"tensors ({sum(p.numel() for p in params):,} weights); per iteration "
+          f"({args.dtype}), reward {args.reward}, {len(prompts)} prompt(s), {len(run.params)} LoRA "
+          f"tensors ({sum(p.numel() for p in run.params):,} weights); per iteration "
           f"{args.samples_per_iter} x {args.steps} transitions in, {args.policy_steps} updates of "
           f"{per_update} ({args.grad_accum} x {args.batch_size}) transitions"
           + (f"; resuming at iteration {first}" if saved else ""), file=sys.stderr)
-
-    if args.supervised:
-        loss_fn = lambda m: supervised_loss(pipe.unet, pipe.scheduler, m, cond, args, generator)
-    else:
-        loss_fn = lambda m: policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, value_fn, args)
-
-    def checkpoint(iteration):
-        save_checkpoint(args, iteration, pipe.unet, optimizer, value_fn, value_opt, buffer, generator)
+    iterate = supervised_iteration if args.supervised else dpok_iteration
 
     # First SIGINT/SIGTERM: finish the iteration in flight, save, exit. A second: stop at once.
     stop = []
@@ -755,46 +799,12 @@ def train(args):
                    initial=first, total=args.iterations)
         for iteration in bar:
             start = time.time()
-            # 1. Rollout with the current policy; score x_0; append to the FIFO buffer (RL only:
-            #    the supervised baseline samples only to measure the reward the same way).
-            prompt_index = torch.randint(len(prompts), (args.samples_per_iter,), generator=generator)
-            transitions, images = rollout(pipe, cond, uncond, prompt_index.to(args.device), args,
-                                          generator)
-            with torch.no_grad():
-                rewards = reward_fn(images, [prompts[i] for i in prompt_index]).float()
-            check_finite("reward", rewards.sum().item(), iteration)
-            per_image = len(transitions["log_prob"]) // len(rewards)
-            transitions["reward"] = rewards.to(args.device).repeat_interleave(per_image)
-            if not args.supervised:
-                buffer = transitions if buffer is None else {
-                    k: torch.cat([buffer[k], v])[-args.buffer_size:] for k, v in transitions.items()}
-            # 2. Value function: regress V(x_t, z, t) onto the final reward.
-            value_loss = None
-            if value_fn is not None:
-                for _ in range(args.value_steps):
-                    batch = sample_batch(buffer, args.value_batch_size, generator)
-                    value_loss = value_step(value_fn, value_opt, batch, cond)
-                check_finite("value loss", value_loss, iteration)
-            # 3. Policy: each update accumulates grad_accum micro-batches of batch_size.
-            totals, grad_norm = {}, 0.0
-            for _ in range(args.policy_steps):
-                optimizer.zero_grad(set_to_none=True)
-                batch = sample_batch(buffer, per_update, generator)
-                stats = accumulate_gradient(loss_fn, batch, args.batch_size, scaler)
-                check_finite("loss", stats["loss"], iteration)
-                scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(params, args.clip_norm).item()
-                if not scaler.is_enabled():  # under fp16 the scaler skips steps with inf grads
-                    check_finite("gradient norm", norm, iteration)
-                grad_norm += norm / args.policy_steps
-                scaler.step(optimizer)
-                scaler.update()
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v / args.policy_steps
-            metrics = dict(iteration=iteration, reward_mean=rewards.mean().item(),
-                           reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
-                           **{"kl": None, **totals}, grad_norm=grad_norm, value_loss=value_loss,
-                           seconds=time.time() - start)
+            try:
+                metrics, images = iterate(run, args)
+            except FloatingPointError as e:  # before the optimizer step: the model is still good
+                raise TrainingStopped(f"non-finite {e} at iteration {iteration}; stopped, the last "
+                                      "checkpoint in --out is the last good state", 1)
+            metrics = dict(iteration=iteration, **metrics, seconds=time.time() - start)
             history.append(metrics)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -804,7 +814,7 @@ def train(args):
                            nrow=math.ceil(math.sqrt(len(images))))
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=format_kl(metrics["kl"]))
             if stop or (iteration + 1) % args.save_every == 0 or iteration + 1 == args.iterations:
-                checkpoint(iteration + 1)
+                save_checkpoint(run, args, iteration + 1)
             if stop:
                 name = signal.Signals(stop[0]).name
                 raise TrainingStopped(
@@ -821,53 +831,21 @@ def train(args):
     return history
 
 
-# ----------------------------------------------------------------------------------------------
-# Supervised baseline (paper Sec. 4.2, after Lee et al. 2023): reward-weighted denoising on images
-# sampled once from the pretrained model, with the KL term evaluated offline on them ("KL-O").
+def plot_curves(history, path):
+    """reward_mean and the KL regulariser per iteration, as a PNG."""
+    import matplotlib
 
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
 
-@torch.no_grad()
-def collect_supervised_data(pipe, cond, uncond, prompts, reward_fn, args, generator):
-    """Sample --supervised-samples images per prompt from the pretrained model, score them once.
-
-    The loss weights rewards, so they must be non-negative: they are min-max normalised over the
-    whole data set to [0, 1] (worst image 0, best 1), which keeps their order and alpha's scale.
-    """
-    index = torch.arange(len(prompts)).repeat_interleave(args.supervised_samples)
-    latents, rewards = [], []
-    with pretrained_model(pipe.unet):
-        for chunk in tqdm(index.split(args.samples_per_iter), desc="sampling data", leave=False):
-            transitions, images = rollout(pipe, cond, uncond, chunk.to(args.device), args, generator)
-            latents.append(transitions["next_latents"].unflatten(0, (len(chunk), -1))[:, -1])  # x_0
-            rewards.append(reward_fn(images, [prompts[i] for i in chunk]).float())
-    rewards = torch.cat(rewards)
-    check_finite("reward", rewards.sum().item(), 0)
-    weight = (rewards - rewards.min()) / (rewards.max() - rewards.min()).clamp(min=1e-12)
-    print(f"dpok: supervised data: {len(rewards)} images, reward {rewards.mean():.4f} "
-          f"+- {rewards.std():.4f}", file=sys.stderr)
-    return dict(latents=torch.cat(latents), prompt_index=index.to(args.device),
-                reward=weight.to(args.device))
-
-
-def supervised_loss(unet, scheduler, batch, cond, args, generator):
-    """alpha * w(r) * ||n - eps_theta(x_t, t, z)||^2 + beta * ||eps_theta - eps_pre||^2 on
-    x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n with t uniform, n ~ N(0, I) (PAPER.md Sec. 4).
-    Conditional noise predictions (no guidance), as in ordinary diffusion fine-tuning."""
-    x0, text = batch["latents"], cond[batch["prompt_index"]]
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-    x_t = scheduler.add_noise(x0, noise, t.to(x0.device))
-    eps = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample.float()
-    denoise = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
-    loss = args.reward_alpha * batch["reward"] * denoise
-    stats = dict(denoise=denoise.mean().item())
-    if args.kl_beta > 0:
-        with pretrained_model(unet), torch.no_grad():
-            eps_pre = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample
-        kl = kl_regulariser(eps, eps_pre.float())
-        loss = loss + args.kl_beta * kl
-        stats["kl"] = kl.mean().item()
-    return loss.mean(), dict(stats, loss=loss.mean().item())
+    figure, axes = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    for ax, key in zip(axes, ("reward_mean", "kl")):
+        ax.plot(*zip(*[(m["iteration"], m[key]) for m in history if m[key] is not None]))
+        ax.set(ylabel=key)
+        ax.grid(alpha=0.3)
+    axes[-1].set(xlabel="iteration")
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -900,7 +878,7 @@ def evaluate(args):
     except Exception as e:
         raise UsageError(f"--lora {args.lora}: cannot load LoRA weights ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]})")
-    cond, uncond = encode_prompts(pipe, prompts)
+    cond, uncond, _ = encode_prompts(pipe, prompts)
     os.makedirs(args.out, exist_ok=True)
     rows, grid = [], []
     for p, prompt in enumerate(tqdm(prompts, desc="eval")):
@@ -936,30 +914,143 @@ def evaluate(args):
     return rows
 
 
-def plot_curves(history, path, size=(480, 300)):
-    """reward_mean (top) and KL (bottom) per iteration as a PNG, drawn with PIL."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    w, h = size[0] - 20, size[1] // 2 - 25
-    for row, (key, colour) in enumerate((("reward_mean", "green"), ("kl", "red"))):
-        values = [m[key] for m in history if m[key] is not None]
-        if not values:
-            continue
-        top, lo, hi = 20 + row * (h + 25), min(values), max(values)
-        span = (hi - lo) or 1.0
-        points = [(10 + w * i / max(len(values) - 1, 1), top + h * (1 - (v - lo) / span))
-                  for i, v in enumerate(values)]
-        draw.rectangle([10, top, 10 + w, top + h], outline="gray")
-        draw.line(points if len(points) > 1 else points * 2, fill=colour, width=2)
-        draw.text((14, top - 14), f"{key}: {lo:.4g} .. {hi:.4g} over {len(values)} iterations",
-                  fill="black")
-    image.save(path)
-
-
 # ----------------------------------------------------------------------------------------------
-# Command line.
+# Command line: parsing, every bad input as one line with exit code 2, main.
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input (argparse adds the usage)
+        raise UsageError(message)
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+COUNTS = ("steps", "samples_per_iter", "buffer_size", "policy_steps", "grad_accum", "batch_size",
+          "iterations", "lora_rank", "value_steps", "value_batch_size", "grid_every", "save_every",
+          "supervised_samples", "eval_samples")
+# Flags that a mode never reads: giving one there is a mistake to report, not to ignore.
+VALUE = {"value_steps", "value_batch_size", "value_lr"}
+UNUSED = {
+    "eval": {"iterations", "policy_steps", "grad_accum", "batch_size", "lr", "clip_norm",
+             "reward_alpha", "kl_beta", "ratio_clip", "no_value", "buffer_size", "lora_rank",
+             "grid_every", "save_every", "resume", "overwrite", "supervised", *VALUE},
+    "supervised": {"ratio_clip", "buffer_size", "no_value", *VALUE},
+    "no_value": VALUE,
+    "tiny": {"model"},
+}
+NEEDS = {"supervised_samples": "supervised", "eval_samples": "eval"}
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        help = f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag(f.name), action="store_true", help=help)
+        else:
+            if f.default is not None:
+                tiny = f"; --tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
+                help = f"{help} (default {f.default}{tiny})"
+            parser.add_argument(flag(f.name), type=f.type, help=help)
+    given = vars(parser.parse_args(argv))
+    args = Args(**{**(TINY_DEFAULTS if given.get("tiny") else {}), **given})
+    check_args(args, set(given))
+    return args
+
+
+def check_args(args, given):
+    """Every value a user can type, decided before any model is loaded."""
+    def bad(msg):
+        raise UsageError(msg)
+
+    if (args.prompt is None) == (args.prompts is None):
+        bad("give exactly one of --prompt TEXT or --prompts FILE")
+    for name in ("prompt", "prompts", "model", "out", "lora"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            bad(f"{flag(name)} is empty")
+    for mode, unused in UNUSED.items():
+        clash = sorted(unused & given) if getattr(args, mode) else []
+        if clash:
+            bad(f"{flag(clash[0])} has no effect with {flag(mode)}; drop one of them")
+    for name, mode in NEEDS.items():
+        if name in given and not getattr(args, mode):
+            bad(f"{flag(name)} is only used with {flag(mode)}")
+    if args.resume and args.overwrite:
+        bad("--resume continues the run in --out, --overwrite replaces it: give one")
+    for name in COUNTS:
+        if not 0 < getattr(args, name) < 2**31:
+            bad(f"{flag(name)} must be a positive whole number below 2^31, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63:
+        bad(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.eval and args.eval_samples < 2:
+        bad("--eval-samples must be at least 2 (the table reports a standard deviation)")
+    for name in ("guidance", "kl_beta", "lr", "clip_norm", "reward_alpha", "ratio_clip", "value_lr"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            bad(f"{flag(name)} must be a finite number >= 0, got {value}")
+        if value == 0 and name in ("lr", "clip_norm", "reward_alpha", "ratio_clip", "value_lr"):
+            bad(f"{flag(name)} 0 leaves nothing to train (" + {
+                "lr": "no step moves the weights", "clip_norm": "every gradient is clipped to 0",
+                "reward_alpha": "without the reward only the KL term is left, 0 at the start",
+                "ratio_clip": "a ratio clamped to exactly 1 has no gradient",
+                "value_lr": "the value function never learns; use --no-value"}[name] + ")")
+    if not (math.isfinite(args.eta) and 0 < args.eta <= 1):
+        bad(f"--eta must be in (0, 1], got {args.eta}: 0 makes DDIM deterministic (no step has a "
+            "log-probability, DPOK needs eta > 0), above 1 its variance exceeds the step's")
+    if args.batch_size * args.grad_accum > args.buffer_size:
+        bad(f"--batch-size x --grad-accum ({args.batch_size * args.grad_accum}) exceeds "
+            f"--buffer-size ({args.buffer_size})")
+    if args.eval != (args.lora is not None):
+        bad("--eval needs --lora DIR (and --lora is only used with --eval)")
+    if args.lora and not os.path.isfile(os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
+        bad(f"--lora {args.lora}: no pytorch_lora_weights.safetensors there")
+    if args.reward not in REWARDS:
+        bad(f"unknown --reward {args.reward!r}; choose from {', '.join(REWARDS)}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        bad(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        bad(f"unsupported --device {args.device!r}; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        bad(f"--device {args.device} asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        bad(f"--device {args.device}: there are {torch.cuda.device_count()} GPUs")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        bad(f"unknown --dtype {args.dtype!r}; use float32, bfloat16 or float16")
+    if args.dtype == "float16" and device.type == "cpu":
+        bad("--dtype float16 is not supported on CPU; use float32 (or bfloat16)")
+
+
+def read_prompts(args):
+    try:
+        if args.prompt is not None:
+            prompts = [args.prompt.strip()]
+        else:
+            with open(args.prompts, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        raise UsageError(f"prompts file not found: {args.prompts}")
+    except UnicodeDecodeError:
+        raise UsageError(f"prompts file is not UTF-8 text: {args.prompts}")
+    except OSError as e:
+        raise UsageError(f"cannot read prompts file {args.prompts}: {e.strerror}")
+    if not prompts:
+        raise UsageError(f"prompts file has no prompts: {args.prompts}")
+    if args.reward == "color":
+        import offline
+
+        try:
+            [offline.prompt_colour(p) for p in prompts]  # a prompt with no colour word is bad input
+        except ValueError as e:
+            raise UsageError(str(e))
+    return prompts
 
 
 def main(argv=None):
@@ -979,6 +1070,12 @@ def main(argv=None):
     except TrainingStopped as e:
         print(f"\ndpok: {e}", file=sys.stderr)
         return e.code
+    except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, a plain RuntimeError on the CPU
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
+            raise
+        print("\ndpok: out of memory; lower --samples-per-iter or --batch-size (raising --grad-accum "
+              "keeps the update the same); checkpoints already in --out are kept", file=sys.stderr)
+        return 1
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -4,18 +4,22 @@
 Run: python -m pytest -q test_dpok.py
 """
 
+import copy
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import dpok
+import offline
 
 PROMPT = "a green colored rabbit"
 
@@ -32,7 +36,7 @@ def tiny_args(*extra, out):
     return dpok.parse_args(["--tiny", "--prompt", PROMPT, "--out", str(out), *extra])
 
 
-def offline(monkeypatch):
+def hub_offline(monkeypatch):
     """Like HF_HUB_OFFLINE=1, which huggingface_hub reads only when first imported."""
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -44,7 +48,7 @@ def tiny():
     args = tiny_args(out="unused")
     pipe = dpok.load_pipeline(args)
     params = dpok.add_lora(pipe.unet, args.lora_rank)
-    cond, uncond = dpok.encode_prompts(pipe, [PROMPT])
+    cond, uncond, _ = dpok.encode_prompts(pipe, [PROMPT])
     return pipe, params, cond, uncond, args
 
 
@@ -136,6 +140,42 @@ def test_importance_ratio_is_one_before_the_first_update(tiny):
     assert (ratio - 1).abs().max() < 1e-5  # far below any clip, the official 1e-4 included
 
 
+def test_scheduler_settings_the_sampler_does_not_implement_are_refused_or_switched_off(capsys):
+    """ddim_step_logprob is DDIMScheduler.step without clipping or thresholding, for epsilon
+    prediction: any other config would make every log-prob silently wrong."""
+    config = {k: v for k, v in sd_scheduler().config.items() if not k.startswith("_")}
+    with pytest.raises(dpok.UsageError, match="epsilon prediction only"):
+        dpok.ddim_scheduler({**config, "prediction_type": "v_prediction"}, 10)
+    for setting in ("clip_sample", "thresholding"):
+        scheduler = dpok.ddim_scheduler({**config, setting: True}, 10)
+        assert not scheduler.config.clip_sample and not scheduler.config.thresholding
+        assert setting in capsys.readouterr().err
+    # Why: a config that omits clip_sample gets DDIM's default, True, which changes the step.
+    config.pop("clip_sample")
+    clipping, sampler = DDIMScheduler.from_config(config), dpok.ddim_scheduler(config, 10)
+    for scheduler in (clipping, sampler):
+        scheduler.set_timesteps(10)
+    x, eps, t = 3 * torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), sampler.timesteps[0]
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours, _ = dpok.ddim_step_logprob(sampler, eps, t, x, 1.0, generator=torch.Generator().manual_seed(0))
+    plain = sampler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+    clipped = clipping.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    assert clipping.config.clip_sample and (ours - clipped).abs().max() > 0.1
+
+
+def test_prompt_encoding_equals_diffusers_and_pools_the_end_of_text_state(tiny):
+    pipe = tiny[0]
+    prompts = [PROMPT, "a red car"]
+    cond, uncond, pooled = dpok.encode_prompts(pipe, prompts)
+    ref_cond, ref_uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
+    torch.testing.assert_close(cond, ref_cond)
+    torch.testing.assert_close(uncond, ref_uncond[:1])
+    for i, prompt in enumerate(prompts):  # the value function's text feature (deviation 7)
+        end_of_text = len(pipe.tokenizer(prompt).input_ids) - 1
+        torch.testing.assert_close(pooled[i], cond[i, end_of_text])
+
+
 # ---------------------------------------------------------------------------------------------
 # KL regulariser (paper Sec. 4)
 
@@ -175,11 +215,12 @@ def fake_batch(pipe, cond, uncond, args, n, seed):
                                   args, torch.Generator().manual_seed(seed))
     batch = {k: v[:n] for k, v in transitions.items()}
     batch["reward"] = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    batch["advantage"] = batch["reward"]
     return batch
 
 
 def policy_gradient(pipe, batch, cond, uncond, args):
-    loss_fn = lambda m: dpok.policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, None, args)
+    loss_fn = lambda m: dpok.policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, args)
     return dpok.accumulate_gradient(loss_fn, batch, args.batch_size)
 
 
@@ -231,7 +272,7 @@ def test_positive_advantage_raises_the_log_prob_of_its_action(tiny):
     """Direction of the policy gradient: one step on a transition with A > 0 makes it likelier."""
     pipe, params, cond, uncond, args = tiny
     batch = fake_batch(pipe, cond, uncond, args, 4, seed=8)
-    batch["reward"] = torch.ones(4)
+    batch["advantage"] = torch.ones(4)
     snapshot = [p.detach().clone() for p in params]
     run = tiny_args("--kl-beta", "0", out="unused")
     policy_gradient(pipe, batch, cond, uncond, run)
@@ -249,21 +290,103 @@ def test_positive_advantage_raises_the_log_prob_of_its_action(tiny):
 
 
 # ---------------------------------------------------------------------------------------------
+# Value function and one DPOK iteration (official train_online_pg.py, PAPER.md Sec. 3)
+
+
+def test_value_function_is_the_official_step_gated_relu_mlp():
+    torch.manual_seed(0)
+    value_fn = dpok.ValueFunction(latent_dim=8, text_dim=3, steps=5, width=6)
+    x, text, step = torch.randn(4, 2, 2, 2), torch.randn(4, 3), torch.tensor([0, 1, 4, 2])
+    h = torch.cat([x.flatten(1), text], dim=1)
+    for linear, embedding in zip(value_fn.layers, value_fn.step_embeddings):
+        h = torch.relu(embedding.weight[step] * (h @ linear.weight.T + linear.bias))
+    torch.testing.assert_close(value_fn(x, text, step), (h @ value_fn.head.weight.T).squeeze(1)
+                               + value_fn.head.bias)
+    for embedding in value_fn.step_embeddings:  # U(0, 1) initialisation
+        assert 0 <= embedding.weight.min() and embedding.weight.max() < 1
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """A set-up tiny run (value function on) and the transitions of one rollout with rewards."""
+    args = tiny_args("--buffer-size", "100", out="unused")
+    run = dpok.setup(args, [PROMPT])
+    return run, args
+
+
+def test_value_function_takes_one_adamw_step_on_its_accumulated_batches(tiny_run):
+    """Official: v_step backward passes of loss / v_step, then ONE optimizer step."""
+    run, args = tiny_run
+    args = dataclasses.replace(args, value_steps=3, value_batch_size=16)
+    transitions, _ = dpok.rollout(run.pipe, run.cond, run.uncond, torch.zeros(2, dtype=torch.long),
+                                  args, torch.Generator().manual_seed(0))
+    transitions["reward"] = torch.randn(len(transitions["log_prob"]))
+    run.buffer = transitions
+    reference = copy.deepcopy(run.value_fn)
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=args.value_lr)
+    reference_opt.load_state_dict(run.value_opt.state_dict())
+    generator = torch.Generator()
+    generator.set_state(run.generator.get_state())  # the same three random batches
+    batches = [dpok.sample_batch(run.buffer, 16, generator) for _ in range(3)]
+    loss = sum(torch.nn.functional.mse_loss(
+        reference(b["latents"], run.text_features[b["prompt_index"]], b["step"]), b["reward"])
+        for b in batches) / 3
+    loss.backward()
+    reference_opt.step()
+    assert dpok.update_value_function(run, args) == pytest.approx(loss.item(), rel=1e-5)
+    for ours, expected in zip(run.value_fn.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, expected)
+    assert {s["step"].item() for s in run.value_opt.state.values()} == {1}
+
+
+def test_optimizers_weight_decay_is_the_official_codes(tiny_run):
+    run, _ = tiny_run
+    assert run.optimizer.param_groups[0]["weight_decay"] == 0  # adam_weight_decay 0.0
+    assert run.value_opt.param_groups[0]["weight_decay"] == 0.01  # torch's default, as there
+
+
+def test_buffer_keeps_the_last_buffer_size_transitions_each_with_its_images_reward(tiny_run):
+    run, args = tiny_run  # buffer 100; an iteration adds 8 images x 10 steps = 80 transitions
+    run.buffer = None
+    dpok.dpok_iteration(run, args)
+    first = {k: v.clone() for k, v in run.buffer.items()}
+    assert len(first["reward"]) == 80
+    metrics, images = dpok.dpok_iteration(run, args)
+    assert len(run.buffer["reward"]) == 100 and images.shape[0] == 8
+    assert torch.equal(run.buffer["latents"][:20], first["latents"][-20:])  # the oldest 60 left
+    assert torch.equal(run.buffer["step"][20:], torch.arange(10).repeat(8))
+    per_image = run.buffer["reward"][20:].view(8, 10)
+    assert torch.equal(per_image, per_image[:, :1].expand(8, 10))
+    assert metrics["reward_mean"] == pytest.approx(per_image[:, 0].mean().item())
+
+
+def test_prompts_are_shuffled_passes_distinct_within_an_iteration():
+    run = SimpleNamespace(prompts=list("abcdefg"), prompt_queue=[], cond=torch.zeros(1),
+                          generator=torch.Generator().manual_seed(0))
+    draws = [dpok.next_prompts(run, 3).tolist() for _ in range(7)]  # 21 draws = 3 passes of 7
+    assert all(len(set(d)) == 3 for d in draws)
+    assert sorted(sum(draws, [])) == sorted(list(range(7)) * 3)
+    assert sum(draws, [])[:7] != list(range(7))  # shuffled
+    run.prompts, run.prompt_queue = ["a", "b"], []  # fewer prompts than images: cycle
+    assert sorted(dpok.next_prompts(run, 5).tolist()) in ([0, 0, 0, 1, 1], [0, 0, 1, 1, 1])
+
+
+# ---------------------------------------------------------------------------------------------
 # Rewards
 
 
 def test_color_reward_prefers_the_prompt_colour():
     green, red = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
     green[:, 1], red[:, 0] = 1.0, 1.0
-    assert dpok.color_reward(green, [PROMPT]).item() == pytest.approx(1.0)
-    assert dpok.color_reward(red, [PROMPT]).item() == pytest.approx(-0.5)
-    assert dpok.color_reward(red, ["A red car."]).item() == pytest.approx(1.0)
+    assert offline.color_reward(green, [PROMPT]).item() == pytest.approx(1.0)
+    assert offline.color_reward(red, [PROMPT]).item() == pytest.approx(-0.5)
+    assert offline.color_reward(red, ["A red car."]).item() == pytest.approx(1.0)
 
 
 def test_compressibility_reward_prefers_flat_images():
     flat = torch.full((1, 3, 32, 32), 0.5)
     noisy = torch.rand((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
-    assert dpok.compressibility_reward(flat, [""]) > dpok.compressibility_reward(noisy, [""])
+    assert offline.compressibility_reward(flat, [""]) > offline.compressibility_reward(noisy, [""])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,11 +395,11 @@ def test_compressibility_reward_prefers_flat_images():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two seeded 40-iteration runs that differ only in beta (about 45 s each on 2 cores)."""
+    """Two seeded 100-iteration runs (the README's) that differ only in beta (~45 s each)."""
     out = {}
     for beta in ("0.01", "10"):
         path = tmp_path_factory.mktemp(f"beta{beta}")
-        history = dpok.train(tiny_args("--iterations", "40", "--kl-beta", beta, out=path / "run"))
+        history = dpok.train(tiny_args("--kl-beta", beta, out=path / "run"))
         out[beta] = (history, path / "run")
     return out
 
@@ -296,15 +419,15 @@ def test_larger_kl_beta_ends_with_smaller_kl(runs):
 def test_outputs_metrics_grids_and_loadable_lora(runs):
     history, out = runs["0.01"]
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert len(lines) == 40 and lines == history
+    assert len(lines) == 100 and lines == history
     for key in ("iteration", "reward_mean", "reward_std", "kl", "loss", "ratio", "grad_norm",
                 "value_loss", "seconds", "clipfrac"):
         assert key in lines[0]
-    assert (out / "samples_00000.png").exists() and (out / "samples_00039.png").exists()
+    assert (out / "samples_00000.png").exists() and (out / "samples_00099.png").exists()
     # The saved LoRA reproduces the trained model in a fresh pipeline through diffusers' loader.
-    trained = dpok.tiny_pipeline(seed=0)
+    trained = offline.tiny_pipeline(seed=0)
     trained.load_lora_weights(str(out))
-    fresh = dpok.tiny_pipeline(seed=0)
+    fresh = offline.tiny_pipeline(seed=0)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
     emb = torch.randn(2, 77, 32)
     with torch.no_grad():
@@ -321,37 +444,78 @@ def test_summary_is_the_last_line(runs, capsys, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, exit code 2, nothing written.
 
+COUNTS = [dpok.flag(name) for name in dpok.COUNTS]
+RATES = ["--guidance", "--kl-beta", "--lr", "--clip-norm", "--reward-alpha", "--ratio-clip",
+         "--value-lr"]
+MODES = {"--supervised-samples": ["--supervised"], "--eval-samples": ["--eval", "--lora", "."]}
+
+
+def mode(name):  # a flag that only one mode reads is swept in that mode
+    return MODES.get(name, [])
+
+
 BAD_INPUTS = [
+    # every count: zero, negative, huge, not a number
+    *[([*mode(f), f, v], f"{f} must be a positive whole number") for f in COUNTS
+      for v in ("0", "-3", str(2**31))],
+    *[([f, "ten"], f"argument {f}: invalid int value") for f in COUNTS + ["--seed"]],
+    # every rate: negative, nan, inf, not a number; zero where it would train nothing
+    *[([f, v], f"{f} must be a finite number >= 0") for f in RATES for v in ("-1", "nan", "inf")],
+    *[([f, "0"], f"{f} 0 leaves nothing to train") for f in RATES[2:]],
+    *[([f, "1e-3x"], f"argument {f}: invalid float value") for f in RATES + ["--eta"]],
+    *[(["--eta", v], "--eta must be in (0, 1]") for v in ("0", "-0.5", "1.5", "nan", "inf")],
+    *[(["--seed", v], "--seed must be in [0, 2^63)") for v in ("-1", str(2**63))],
+    # empty text, a folder where a file is expected and the reverse
     (["--prompt", "  "], "--prompt is empty"),
-    ([], "exactly one of --prompt"),
-    (["--prompt", PROMPT, "--prompts", "prompts.txt"], "exactly one of --prompt"),
-    (["--prompts", "no-such-file.txt"], "prompts file not found"),
-    (["--prompt", PROMPT, "--kl-beta", "-1"], "--kl-beta must be a finite number"),
-    (["--prompt", PROMPT, "--kl-beta", "nan"], "--kl-beta must be a finite number"),
-    (["--prompt", PROMPT, "--steps", "0"], "--steps must be positive"),
-    (["--prompt", PROMPT, "--batch-size", "-4"], "--batch-size must be positive"),
-    (["--prompt", PROMPT, "--iterations", "0"], "--iterations must be positive"),
-    (["--prompt", PROMPT, "--eta", "0"], "--eta 0 makes DDIM deterministic"),
-    (["--prompt", PROMPT, "--batch-size", "400"], "exceeds --buffer-size"),
-    (["--prompt", PROMPT, "--reward", "aesthetic"], "unknown --reward"),
-    (["--prompt", PROMPT, "--device", "tpu"], "--device"),
-    (["--prompt", PROMPT, "--device", "cpu", "--dtype", "float16"], "float16 is not supported on CPU"),
-    (["--prompt", PROMPT, "--dtype", "int8"], "unknown --dtype"),
-    *([(["--prompt", PROMPT, "--device", "cuda"], "no CUDA GPU is available")]
-      if not torch.cuda.is_available() else []),
+    *[([f, ""], f"{f} is empty") for f in ("--model", "--out", "--lora")],
+    (["--prompts", "", "--prompt", None], "--prompts is empty"),
+    (["--prompts", ".", "--prompt", None], "cannot read prompts file .: Is a directory"),
+    (["--prompts", "no-such-file.txt", "--prompt", None], "prompts file not found"),
+    (["--eval", "--lora", "test_dpok.py"], "no pytorch_lora_weights.safetensors"),
+    (["--eval", "--lora", "."], "no pytorch_lora_weights.safetensors"),
+    # flags that contradict each other, or that the mode would ignore
+    (["--prompt", None], "exactly one of --prompt"),
+    (["--prompts", "prompts.txt"], "exactly one of --prompt"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite replaces it"),
+    (["--model", "some/model"], "--model has no effect with --tiny"),
+    (["--supervised", "--ratio-clip", "0.1"], "--ratio-clip has no effect with --supervised"),
+    (["--supervised", "--no-value"], "--no-value has no effect with --supervised"),
+    (["--no-value", "--value-lr", "0.1"], "--value-lr has no effect with --no-value"),
+    (["--eval", "--lora", ".", "--iterations", "5"], "--iterations has no effect with --eval"),
+    (["--eval", "--lora", ".", "--supervised"], "--supervised has no effect with --eval"),
+    (["--supervised-samples", "5"], "--supervised-samples is only used with --supervised"),
+    (["--eval-samples", "5"], "--eval-samples is only used with --eval"),
+    (["--eval"], "--eval needs --lora"),
+    (["--lora", "."], "--eval needs --lora"),
+    (["--eval", "--lora", ".", "--eval-samples", "1"], "--eval-samples must be at least 2"),
+    (["--batch-size", "400"], "exceeds --buffer-size"),
+    # names that do not exist
+    (["--reward", "aesthetic"], "unknown --reward"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--device", "meta"], "unsupported --device"),
+    (["--device", "cpu", "--dtype", "float16"], "float16 is not supported on CPU"),
+    (["--dtype", "int8"], "unknown --dtype"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    *([(["--device", "cuda"], "no CUDA GPU is available")] if not torch.cuda.is_available() else []),
     (["--prompt", "a rabbit"], "needs a colour word"),
-    (["--prompt", PROMPT, "--steps", "ten"], "invalid int value"),
-    (["--prompt", PROMPT, "--eval"], "--eval needs --lora"),
-    (["--prompt", PROMPT, "--lora", "."], "--eval needs --lora"),
-    (["--prompt", PROMPT, "--eval", "--lora", "."], "no pytorch_lora_weights.safetensors"),
-    (["--prompt", PROMPT, "--supervised", "--supervised-samples", "0"], "--supervised-samples must be positive"),
+    # decided by the model's own sizes (after loading it, still before writing anything)
+    (["--steps", "1001"], "--steps 1001 exceeds the model's 1000 training timesteps"),
+    (["--lora-rank", "33"], "--lora-rank 33 exceeds the narrowest attention projection (32)"),
 ]
+
+
+def command(argv):
+    """--tiny --prompt PROMPT, then argv; ("--prompt", None) in argv removes the prompt."""
+    if "--prompt" in argv and argv[argv.index("--prompt") + 1] is None:
+        i = argv.index("--prompt")
+        return ["--tiny", *argv[:i], *argv[i + 2:]]
+    return ["--tiny", *([] if "--prompt" in argv else ["--prompt", PROMPT]), *argv]
 
 
 @pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "out"
-    assert dpok.main(["--tiny", "--out", str(out), *argv]) == 2
+    assert dpok.main(["--out", str(out), *command(argv)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dpok: error:") and message in err[0], err
     assert not out.exists()
@@ -368,7 +532,7 @@ def test_unreadable_prompts_files_are_rejected(tmp_path, capsys):
 
 
 def test_missing_model_offline_says_use_tiny(tmp_path, capsys, monkeypatch):
-    offline(monkeypatch)
+    hub_offline(monkeypatch)
     argv = ["--prompt", PROMPT, "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o")]
     assert dpok.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -427,7 +591,7 @@ def test_non_finite_reward_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_p
     def poisoned(device):
         def reward(images, prompts):
             calls.append(1)
-            r = dpok.color_reward(images, prompts)
+            r = offline.color_reward(images, prompts)
             return r * float("nan") if len(calls) == 5 else r
         return reward
 
@@ -470,12 +634,10 @@ def test_out_that_is_a_file_is_rejected(tmp_path, capsys):
 # Supervised baseline and evaluation (paper Sec. 4.2 and Sec. 5, in miniature)
 
 
-def test_supervised_weights_are_min_max_normalised_rewards(tiny):
-    pipe, _, cond, uncond, _ = tiny
+def test_supervised_weights_are_min_max_normalised_rewards():
     args = tiny_args("--supervised", "--supervised-samples", "6", "--samples-per-iter", "4",
                      out="unused")
-    data = dpok.collect_supervised_data(pipe, cond, uncond, [PROMPT], dpok.color_reward, args,
-                                        torch.Generator().manual_seed(0))
+    data = dpok.collect_supervised_data(dpok.setup(args, [PROMPT]), args)
     assert data["latents"].shape == (6, 4, 8, 8)
     assert data["reward"].min() == 0 and data["reward"].max() == 1
 
@@ -531,7 +693,7 @@ def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path
     # an untouched LoRA (B = 0) is the pretrained model: same rewards, KL exactly 0
     untouched = tmp_path / "untouched"
     untouched.mkdir()
-    pipe = dpok.tiny_pipeline(0)
+    pipe = offline.tiny_pipeline(0)
     dpok.add_lora(pipe.unet, 4)
     dpok.save_lora(pipe.unet, str(untouched))
     assert dpok.main([*argv[:4], "--lora", str(untouched), *argv[6:]]) == 0
@@ -567,7 +729,7 @@ def test_imagereward_reward_runs_the_real_imagereward_code_offline(tmp_path, mon
 
 
 def test_imagereward_missing_offline_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
-    offline(monkeypatch)
+    hub_offline(monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))  # no cached ImageReward.pt
     argv = ["--tiny", "--prompt", PROMPT, "--reward", "imagereward", "--out", str(tmp_path / "o")]
     assert dpok.main(argv) == 2
@@ -616,3 +778,61 @@ def test_signal_during_supervised_data_collection_stops_cleanly(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "SIGTERM: stopped at once" in err.strip().splitlines()[-1]
+
+
+def test_lora_file_is_an_ordinary_file(tmp_path):
+    """Its mode follows the umask like every other output (safetensors alone writes 0600)."""
+    pipe = offline.tiny_pipeline(0)
+    dpok.add_lora(pipe.unet, 4)
+    dpok.save_lora(pipe.unet, str(tmp_path))
+    (tmp_path / "ordinary.txt").write_text("")
+    mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777
+    assert mode("pytorch_lora_weights.safetensors") == mode("ordinary.txt")
+    assert sorted(os.listdir(tmp_path)) == ["ordinary.txt", "pytorch_lora_weights.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model path on CPU: Stable Diffusion v1.5's exact architecture with random weights,
+# saved as a diffusers folder and run through `--model PATH`, at 16x16 latents (128 px).
+
+SD15 = ["--prompt", "A green colored rabbit", "--reward", "compressibility", "--steps", "3",
+        "--samples-per-iter", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd15") / "model"
+    offline.sd15_pipeline(sample_size=16).to(dtype=torch.float16).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sd15_architecture_trains_through_the_model_path(sd15, dtype, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*SD15, "--model", str(sd15), "--dtype", dtype, "--iterations", "2", "--policy-steps",
+            "1", "--grad-accum", "1", "--batch-size", "4", "--buffer-size", "12",
+            "--value-batch-size", "6", "--out", str(out)]
+    assert dpok.main(argv) == 0
+    assert "256 LoRA tensors (797,184 weights)" in capsys.readouterr().err  # official rank-4 LoRA
+    first = numbers(out / "metrics.jsonl")[0]
+    # Before the first update the policy is the one that sampled: ratio 1, none clamped at the
+    # official 1e-4 clip, in bfloat16 too (log-probs are float32 on the stored latents).
+    assert first["clipfrac"] == 0 and abs(first["ratio"] - 1) < 1e-6, first
+    pipe = StableDiffusionPipeline.from_pretrained(sd15)
+    pipe.load_lora_weights(str(out))
+    from peft.utils import get_peft_model_state_dict
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_list_adapters()["unet"][0])
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
+    assert len(loaded) == len(saved) == 256
+    assert sum(v.numel() for v in loaded.values()) == 797_184
+
+
+def test_sd15_architecture_evaluates_a_saved_lora(sd15, tmp_path):
+    run = tmp_path / "run"
+    assert dpok.main([*SD15, "--model", str(sd15), "--iterations", "1", "--policy-steps", "1",
+                      "--grad-accum", "1", "--batch-size", "4", "--buffer-size", "12",
+                      "--value-batch-size", "6", "--lr", "1e-3", "--out", str(run)]) == 0
+    assert dpok.main([*SD15, "--model", str(sd15), "--eval", "--lora", str(run), "--eval-samples",
+                      "2", "--out", str(tmp_path / "eval")]) == 0
+    result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
+    assert result["kl_bound"] > 0 and (tmp_path / "eval" / "eval.png").exists()
