@@ -6,7 +6,7 @@ models -> sampler -> rollout -> rewards -> value function -> losses -> one DPOK 
 supervised baseline -> the run around them (training loop, checkpoints) -> evaluation -> CLI.
 
     python dpok.py --prompt "A green colored rabbit" --kl-beta 0.01     # SD v1.5 + ImageReward, GPU
-    python dpok.py --tiny --prompt "a green colored rabbit"             # offline, CPU, ~2 minutes
+    python dpok.py --tiny --prompt "a green colored rabbit"             # offline, CPU, ~1 minute
 
 Where this file departs from the paper / official code (README "Deviations" mirrors this list):
  1. Log-probs are averaged over latent dimensions (mean, not sum), as in the official code and
@@ -20,12 +20,11 @@ Where this file departs from the paper / official code (README "Deviations" mirr
  5. The pretrained reference is the same UNet with the LoRA adapters disabled (no second UNet).
  6. Log-probs and ratios are computed in float32 on the stored float32 latents, even when the
     UNet runs in half precision; the default GPU dtype is bfloat16 (official: fp16).
- 7. The value function reads the pooled (end-of-text) output of SD's own text encoder, not the
-    projected text feature of a separately loaded CLIP ViT-L/14: SD v1.5's text encoder is that
-    text tower, so the two differ by a linear map its first layer absorbs, and no third model
-    is loaded.
+ 7. The value function reads the pooled output of SD's own text encoder, not the projected
+    feature of a separate CLIP ViT-L/14: SD v1.5's text encoder is that text tower, so the two
+    differ by a linear map its first layer absorbs, and no third model is loaded.
  8. `--tiny` changes defaults for a random CPU-sized model (see TINY_DEFAULTS): fewer steps,
-    lower guidance, a far larger learning rate, a wider ratio clip and alpha scaled to the
+    lower guidance, far larger learning rates, a wider ratio clip and alpha scaled to the
     colour reward's spread; its GroupNorms have one group. The algorithm is unchanged.
  9. Supervised baseline: rewards are min-max normalised to [0, 1] (the loss needs non-negative
     weights), and its noise predictions are conditional (no guidance).
@@ -38,6 +37,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -45,6 +45,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -106,12 +107,9 @@ class Args:
                      "fp16), float32 on CPU")
 
 
-# Tiny-world defaults, calibrated on 2 CPU cores (~1 s an iteration): a random model learns only
-# with a learning rate far above the paper's 1e-5; at that rate the official 1e-4 ratio clip
-# clamps most transitions. The colour reward varies ~50x less between images than ImageReward
-# (std ~0.02 vs ~1), so alpha is scaled by the same factor to keep the paper's balance of reward
-# against KL. The value function takes one step per iteration (official), so its learning rate
-# is raised until it fits within tens of iterations. (README "Deviations" 8 has the numbers.)
+# Tiny-world defaults, calibrated on 2 CPU cores (README "Deviations" 8 has the numbers): a random
+# model learns only at learning rates far above the paper's; the official 1e-4 ratio clip would
+# then clamp most transitions; alpha makes up for the colour reward's ~50x smaller spread.
 TINY_DEFAULTS = dict(
     reward="color", steps=10, guidance=3.0, samples_per_iter=8, buffer_size=160,
     policy_steps=2, grad_accum=2, batch_size=16, lr=3e-3, ratio_clip=0.2, reward_alpha=500.0,
@@ -125,13 +123,10 @@ TINY_DEFAULTS = dict(
 
 
 def ddim_scheduler(config, steps):
-    """The paper's sampler, DDIM, from a model's scheduler config (SD v1.5 ships PNDM).
-
+    """The paper's sampler, DDIM, from a model's scheduler config (SD v1.5 ships PNDM's).
     `ddim_step_logprob` is `DDIMScheduler.step` for epsilon prediction without clipping or
-    thresholding; any other setting would make every log-prob silently wrong. Another prediction
-    type is refused; clipping and thresholding are switched off, saying so (SD v1.5's config
-    sets clip_sample false; DDIM's default is true).
-    """
+    thresholding; anything else would make every log-prob silently wrong, so another prediction
+    type is refused and clipping or thresholding is switched off, saying so."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(config)
@@ -141,13 +136,11 @@ def ddim_scheduler(config, steps):
     if steps > scheduler.config.num_train_timesteps:
         raise UsageError(f"--steps {steps} exceeds the model's "
                          f"{scheduler.config.num_train_timesteps} training timesteps")
-    off = [name for name in ("clip_sample", "thresholding") if scheduler.config[name]]
-    if off:
-        print(f"dpok: note: the model's scheduler config sets {' and '.join(off)}, which the DPOK "
-              "sampler does not implement; sampling without", file=sys.stderr)
-        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False,
-                                              thresholding=False)
-    return scheduler
+    for name in ("clip_sample", "thresholding"):
+        if scheduler.config[name]:
+            print(f"dpok: note: the DPOK sampler does not implement the model scheduler's {name}; "
+                  "it samples without", file=sys.stderr)
+    return DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
 
 
 def load_pipeline(args):
@@ -181,10 +174,8 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projectio
 
 def add_lora(unet, rank):
     """LoRA (Hu et al. 2021) on every attention projection of the UNet; only these train.
-
     B starts at zero, so the fine-tuned model starts exactly at the pretrained one, and
-    `unet.disable_adapters()` gives back the pretrained model for the KL term.
-    """
+    `unet.disable_adapters()` gives back the pretrained model for the KL term."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
@@ -232,12 +223,10 @@ def ddim_sigma(scheduler, timestep, eta):
 def ddim_step_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None,
                       generator=None):
     """One DDIM step p(x_{t-1} | x_t) = N(mu, sigma_t^2 I); returns (x_{t-1}, log p(x_{t-1})).
-
     Samples x_{t-1} when `prev_sample` is None, else scores the given one (re-scoring stored
     transitions under the current policy). `timestep` is an int or one per sample. The
     log-prob is averaged over latent dimensions (deviation 1); where sigma_t = 0 the step is a
-    point mass with no density and its log-prob is reported as 0 (deviation 4).
-    """
+    point mass with no density and its log-prob is reported as 0 (deviation 4)."""
     model_output, sample = model_output.float(), sample.float()
     a_t, a_prev = (a.to(sample.device).view(-1, 1, 1, 1) for a in ddim_alphas(scheduler, timestep))
     sigma = ddim_sigma(scheduler, timestep, eta).to(sample.device).view(-1, 1, 1, 1)
@@ -282,9 +271,8 @@ def pretrained_model(unet):
 
 @torch.no_grad()
 def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
-    """Sample len(prompt_index) images with the current UNet (LoRA on).
-
-    Returns (transitions, images). `transitions` holds, per (image, step) pair, flattened
+    """Sample len(prompt_index) images with the current UNet (LoRA on); returns (transitions,
+    images). `transitions` holds, per (image, step) pair, flattened
     image-major: latents x_t, next_latents x_{t-1}, timesteps t, step (0..T-1), prompt_index,
     log_prob (old log-prob, float32, of exactly the stored x_{t-1}), and with keep_eps the guided
     noise eps_theta(x_t) (for evaluation; training recomputes it). images: (B, 3, H, W) in [0, 1].
@@ -328,19 +316,14 @@ def imagereward_reward(device, model=None):
     pass one built offline. Scores are standardised by the package. Not differentiated."""
     from torchvision.transforms.functional import to_pil_image
 
-    if model is None:
-        try:
-            with warnings.catch_warnings():  # its `clip` dependency warns about pkg_resources
-                warnings.simplefilter("ignore")
-                import ImageReward
-        except Exception as e:
-            raise UsageError(f"--reward imagereward needs the image-reward package ({e}); "
-                             "pip install -r requirements.txt")
-        try:
-            model = ImageReward.load("ImageReward-v1.0", device=device)
-        except Exception as e:
-            raise UsageError(f"cannot load ImageReward-v1.0 ({type(e).__name__}); it downloads on "
-                             "first use, so connect once, or use --reward color/compressibility")
+    try:
+        with warnings.catch_warnings():  # its `clip` dependency warns about pkg_resources
+            warnings.simplefilter("ignore")
+            import ImageReward
+        model = model or ImageReward.load("ImageReward-v1.0", device=device)
+    except Exception as e:  # not installed, or offline before its first download
+        raise UsageError(f"cannot load ImageReward-v1.0 ({type(e).__name__}); it downloads on "
+                         "first use, so connect once, or use --reward color/compressibility")
 
     @torch.no_grad()
     def reward(images, prompts):
@@ -403,12 +386,6 @@ def kl_step_weight(scheduler, timestep, eta):
     return c**2 / (2 * sigma**2)
 
 
-def value_loss(value_fn, batch, text_features):
-    """MSE of V(x_t, z, t) against the final reward r(x_0, z) of the transition's image."""
-    prediction = value_fn(batch["latents"], text_features[batch["prompt_index"]], batch["step"])
-    return F.mse_loss(prediction, batch["reward"])
-
-
 def policy_loss(unet, scheduler, batch, cond, uncond, args):
     """DPOK's per-transition loss (official form, deviation 3):
         -alpha * A * clamp(p_theta(x_{t-1}|x_t) / p_old(x_{t-1}|x_t), 1 - c, 1 + c) + beta * KL_t
@@ -448,28 +425,32 @@ def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0.0) + v * share
     return stats
+
+
 # ----------------------------------------------------------------------------------------------
 # One DPOK iteration (PAPER.md Sec. 3, the paper's Algorithm 1): rollout -> score -> buffer ->
 # value function -> policy updates.
 
 
-@dataclass
-class Run:
+def setup(args, prompts):
     """What a training run holds: the models and their optimizers, the buffer, the RNG state."""
-    pipe: object
-    prompts: list
-    cond: torch.Tensor  # (P, L, D) text-encoder states of the prompts
-    uncond: torch.Tensor  # (1, L, D) of the empty prompt
-    text_features: torch.Tensor  # (P, D) pooled, for the value function
-    reward_fn: object
-    params: list  # the LoRA weights
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    value_fn: ValueFunction = None
-    value_opt: torch.optim.Optimizer = None
-    generator: torch.Generator = None  # every random draw after start-up comes from it
-    buffer: dict = None  # transitions, each key (N, ...)
-    prompt_queue: list = field(default_factory=list)  # what is left of the current pass
+    torch.manual_seed(args.seed)  # LoRA and value-function initialisation
+    pipe = load_pipeline(args)
+    params = add_lora(pipe.unet, args.lora_rank)  # the trainable weights
+    cond, uncond, text_features = encode_prompts(pipe, prompts)  # (P, L, D), (1, L, D), (P, D)
+    value_fn = None
+    if not (args.no_value or args.supervised):
+        latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
+        value_fn = ValueFunction(latent_dim, text_features.shape[-1], args.steps).to(args.device)
+    return SimpleNamespace(
+        pipe=pipe, prompts=prompts, cond=cond, uncond=uncond, text_features=text_features,
+        reward_fn=REWARDS[args.reward](args.device), params=params,
+        optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),  # official: no decay
+        scaler=torch.amp.GradScaler(enabled=args.dtype == "float16"),
+        value_fn=value_fn,  # its optimizer keeps torch's default weight decay, as the official
+        value_opt=value_fn and torch.optim.AdamW(value_fn.parameters(), lr=args.value_lr),
+        generator=torch.Generator().manual_seed(args.seed),  # every random draw after start-up
+        buffer=None, prompt_queue=[])  # transitions, each key (N, ...); the rest of a prompt pass
 
 
 def next_prompts(run, n):
@@ -515,14 +496,19 @@ def update(run, batch, loss_fn, args):
     return stats
 
 
+def value(run, batch):
+    """V(x_t, z, t) of each transition."""
+    return run.value_fn(batch["latents"], run.text_features[batch["prompt_index"]], batch["step"])
+
+
 def update_value_function(run, args):
     """ONE AdamW step on the MSE gradient accumulated over value_steps random batches of
     value_batch_size buffer transitions, each backward of loss / value_steps (official)."""
     run.value_opt.zero_grad(set_to_none=True)
     mse = 0.0
     for _ in range(args.value_steps):
-        loss = value_loss(run.value_fn, sample_batch(run.buffer, args.value_batch_size, run.generator),
-                          run.text_features)
+        batch = sample_batch(run.buffer, args.value_batch_size, run.generator)
+        loss = F.mse_loss(value(run, batch), batch["reward"])  # regressed on the final reward
         (loss / args.value_steps).backward()
         mse += loss.item() / args.value_steps
     check_finite("value loss", mse)
@@ -545,26 +531,21 @@ def dpok_iteration(run, args):
     value_mse = None if run.value_fn is None else update_value_function(run, args)
     # 4. Policy: policy_steps updates on random buffer transitions, with the advantage
     #    A = r - V(x_t, z, t) of the just-updated V (official: no normalisation; no V: A = r).
-    history = []
+    updates = []
     for _ in range(args.policy_steps):
         batch = sample_batch(run.buffer, args.grad_accum * args.batch_size, run.generator)
         with torch.no_grad():
-            baseline = 0.0 if run.value_fn is None else run.value_fn(
-                batch["latents"], run.text_features[batch["prompt_index"]], batch["step"])
-        batch["advantage"] = batch["reward"] - baseline
-        history.append(update(run, batch, lambda micro: policy_loss(
+            batch["advantage"] = batch["reward"] - (0.0 if run.value_fn is None else value(run, batch))
+        updates.append(update(run, batch, lambda micro: policy_loss(
             run.pipe.unet, run.pipe.scheduler, micro, run.cond, run.uncond, args), args))
-    return dict(reward_mean=rewards.mean().item(), reward_std=std(rewards),
-                **{"kl": None, **mean_of(history)}, value_loss=value_mse), images
+    return iteration_metrics(rewards, updates, value_mse), images
 
 
-def std(x):
-    return x.std().item() if len(x) > 1 else 0.0
-
-
-def mean_of(history):
-    """Mean of each statistic over the updates of an iteration."""
-    return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+def iteration_metrics(rewards, updates, value_loss=None):
+    """The reward of the iteration's samples and the mean of each statistic over its updates."""
+    return dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().nan_to_num().item(),
+                **{"kl": None, **{k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}},
+                value_loss=value_loss)
 
 
 def check_finite(name, value):
@@ -580,10 +561,8 @@ def check_finite(name, value):
 @torch.no_grad()
 def collect_supervised_data(run, args):
     """Sample --supervised-samples images per prompt from the pretrained model, score them once.
-
     The loss weights rewards, so they must be non-negative: they are min-max normalised over the
-    whole data set to [0, 1] (worst image 0, best 1), which keeps their order and alpha's scale.
-    """
+    whole data set to [0, 1] (worst image 0, best 1), which keeps their order and alpha's scale."""
     index = torch.arange(len(run.prompts)).repeat_interleave(args.supervised_samples)
     latents, rewards = [], []
     with pretrained_model(run.pipe.unet):
@@ -595,7 +574,7 @@ def collect_supervised_data(run, args):
     rewards = torch.cat(rewards)
     weight = (rewards - rewards.min()) / (rewards.max() - rewards.min()).clamp(min=1e-12)
     print(f"dpok: supervised data: {len(rewards)} images, reward {rewards.mean():.4f} "
-          f"+- {std(rewards):.4f}", file=sys.stderr)
+          f"+- {rewards.std():.4f}", file=sys.stderr)
     return dict(latents=torch.cat(latents), prompt_index=index.to(run.cond.device), reward=weight)
 
 
@@ -621,37 +600,22 @@ def supervised_loss(unet, scheduler, batch, cond, args, generator):
 
 
 def supervised_iteration(run, args):
-    """The baseline's iteration: policy_steps updates on random batches of its fixed data set
-    (run.buffer); fresh samples are drawn only to measure the reward as DPOK's iterations do."""
+    """The baseline's iteration, step for step beside dpok_iteration."""
+    # 1. Fresh samples of the current model, only to measure the reward as DPOK's iterations do.
     prompt_index = next_prompts(run, args.samples_per_iter)
     _, images = rollout(run.pipe, run.cond, run.uncond, prompt_index, args, run.generator)
     rewards = score(run, images, prompt_index)
-    history = [update(run, sample_batch(run.buffer, args.grad_accum * args.batch_size, run.generator),
-                      lambda micro: supervised_loss(run.pipe.unet, run.pipe.scheduler, micro,
-                                                    run.cond, args, run.generator), args)
-               for _ in range(args.policy_steps)]
-    return dict(reward_mean=rewards.mean().item(), reward_std=std(rewards),
-                **{"kl": None, **mean_of(history)}, value_loss=None), images
+    # 2. policy_steps updates on random batches of the fixed data set (no buffer, no value).
+    updates = []
+    for _ in range(args.policy_steps):
+        batch = sample_batch(run.buffer, args.grad_accum * args.batch_size, run.generator)
+        updates.append(update(run, batch, lambda micro: supervised_loss(
+            run.pipe.unet, run.pipe.scheduler, micro, run.cond, args, run.generator), args))
+    return iteration_metrics(rewards, updates), images
+
+
 # ----------------------------------------------------------------------------------------------
 # The run around the iterations: set-up, output folder, checkpoints and resume, signals, logging.
-
-
-def setup(args, prompts):
-    torch.manual_seed(args.seed)  # LoRA and value-function initialisation
-    pipe = load_pipeline(args)
-    params = add_lora(pipe.unet, args.lora_rank)
-    cond, uncond, text_features = encode_prompts(pipe, prompts)
-    run = Run(pipe=pipe, prompts=prompts, cond=cond, uncond=uncond, text_features=text_features,
-              reward_fn=REWARDS[args.reward](args.device), params=params,
-              optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),  # official
-              scaler=torch.amp.GradScaler(enabled=args.dtype == "float16"),
-              generator=torch.Generator().manual_seed(args.seed))
-    if not (args.no_value or args.supervised):
-        latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
-        run.value_fn = ValueFunction(latent_dim, text_features.shape[-1], args.steps).to(args.device)
-        # torch's default weight decay (0.01), as the official value optimizer
-        run.value_opt = torch.optim.AdamW(run.value_fn.parameters(), lr=args.value_lr)
-    return run
 
 
 def save_lora(unet, out):
@@ -671,13 +635,10 @@ def save_lora(unet, out):
 
 
 class TrainingStopped(Exception):
-    """The run stopped on purpose (signal: exit 128 + signum) or on a non-finite value (exit 1)."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
+    """(message, exit code): stopped on purpose (signal: 128 + signum) or on a non-finite value (1)."""
 
 
+STATEFUL = ("optimizer", "scaler", "value_fn", "value_opt")  # saved by their state_dict
 # Flags that do not change the algorithm: a resumed run may change them.
 RESUMABLE = {"iterations", "out", "resume", "overwrite", "save_every", "grid_every", "device"}
 OUTPUTS = ("metrics.jsonl", "checkpoint.pt", "pytorch_lora_weights.safetensors", "samples_",
@@ -710,8 +671,8 @@ def check_out(args):
             raise UsageError(f"--resume: cannot read {checkpoint} ({type(e).__name__})")
         for name, value in saved_args.items():
             if name not in RESUMABLE and getattr(args, name) != value:
-                raise UsageError(f"--resume: --{name.replace('_', '-')} was {value!r} in the "
-                                 f"checkpoint, now {getattr(args, name)!r}; resume with the same value")
+                raise UsageError(f"--resume: {flag(name)} was {value!r} in the checkpoint, now "
+                                 f"{getattr(args, name)!r}; resume with the same value")
         return saved
     if previous:  # --overwrite: remove what an earlier run wrote, nothing else
         for name in os.listdir(args.out):
@@ -726,9 +687,7 @@ def save_checkpoint(run, args, iteration):
         iteration=iteration, args=dataclasses.asdict(args), buffer=run.buffer,
         prompt_queue=run.prompt_queue, generator=run.generator.get_state(),
         lora={n: p.detach() for n, p in run.pipe.unet.named_parameters() if p.requires_grad},
-        optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
-        value_fn=run.value_fn and run.value_fn.state_dict(),
-        value_opt=run.value_opt and run.value_opt.state_dict())
+        **{name: getattr(run, name) and getattr(run, name).state_dict() for name in STATEFUL})
     path = os.path.join(args.out, "checkpoint.pt")
     try:
         torch.save(state, path + ".tmp")
@@ -737,18 +696,6 @@ def save_checkpoint(run, args, iteration):
     except OSError as e:  # disk full, folder removed: the previous checkpoint is still whole
         raise TrainingStopped(f"cannot write the checkpoint in {args.out} ({e}); the previous "
                               "one is intact", 1)
-
-
-def restore(run, saved, args):
-    run.pipe.unet.load_state_dict(saved["lora"], strict=False)
-    run.optimizer.load_state_dict(saved["optimizer"])
-    run.scaler.load_state_dict(saved["scaler"])
-    if run.value_fn is not None:
-        run.value_fn.load_state_dict(saved["value_fn"])
-        run.value_opt.load_state_dict(saved["value_opt"])
-    run.generator.set_state(saved["generator"])
-    run.buffer = {k: v.to(args.device) for k, v in saved["buffer"].items()}
-    run.prompt_queue = saved["prompt_queue"]
 
 
 def stop_now(signum, frame):
@@ -768,21 +715,25 @@ def train(args):
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     history, first = [], 0
     if saved is not None:  # resume: restore every state, drop metrics of unsaved iterations
-        restore(run, saved, args)
-        first = saved["iteration"]
+        run.pipe.unet.load_state_dict(saved["lora"], strict=False)
+        for name in STATEFUL:
+            if getattr(run, name) is not None:
+                getattr(run, name).load_state_dict(saved[name])
+        run.generator.set_state(saved["generator"])
+        run.buffer = {k: v.to(args.device) for k, v in saved["buffer"].items()}
+        run.prompt_queue, first = saved["prompt_queue"], saved["iteration"]
         with open(metrics_path) as f:
             history = [m for m in map(json.loads, f) if m["iteration"] < first]
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in history)
     elif args.supervised:  # the baseline's fixed data set plays the buffer's part
         run.buffer = collect_supervised_data(run, args)
-    per_update = args.batch_size * args.grad_accum
     print(f"dpok: {'tiny random pipeline' if args.tiny else args.model} on {args.device} "
           f"({args.dtype}), reward {args.reward}, {len(prompts)} prompt(s), {len(run.params)} LoRA "
           f"tensors ({sum(p.numel() for p in run.params):,} weights); per iteration "
           f"{args.samples_per_iter} x {args.steps} transitions in, {args.policy_steps} updates of "
-          f"{per_update} ({args.grad_accum} x {args.batch_size}) transitions"
-          + (f"; resuming at iteration {first}" if saved else ""), file=sys.stderr)
+          f"{args.grad_accum} x {args.batch_size}" + (f"; resuming at {first}" if saved else ""),
+          file=sys.stderr)
     iterate = supervised_iteration if args.supervised else dpok_iteration
 
     # First SIGINT/SIGTERM: finish the iteration in flight, save, exit. A second: stop at once.
@@ -832,20 +783,17 @@ def train(args):
 
 
 def plot_curves(history, path):
-    """reward_mean and the KL regulariser per iteration, as a PNG."""
-    import matplotlib
+    """reward_mean and the KL regulariser per iteration, as a PNG (no display needed)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    figure = Figure(figsize=(6, 5))
+    axes = figure.subplots(2, 1, sharex=True)
     for ax, key in zip(axes, ("reward_mean", "kl")):
         ax.plot(*zip(*[(m["iteration"], m[key]) for m in history if m[key] is not None]))
         ax.set(ylabel=key)
         ax.grid(alpha=0.3)
     axes[-1].set(xlabel="iteration")
     figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -892,23 +840,22 @@ def evaluate(args):
                                           keep_eps=True)
             after.append(images)
             kl.append(kl_bound(pipe, transitions, cond, uncond, args).unflatten(0, (len(chunk), -1)))
-        before, after, kl = torch.cat(before), torch.cat(after), torch.cat(kl).sum(1)  # (n,)
-        r0 = reward_fn(before, [prompt] * args.eval_samples)
-        r1 = reward_fn(after, [prompt] * args.eval_samples)
-        rows.append(dict(prompt=prompt, reward_pretrained=r0.mean().item(),
-                         reward_pretrained_std=r0.std().item(), reward_finetuned=r1.mean().item(),
-                         reward_finetuned_std=r1.std().item(), kl_bound=kl.mean().item()))
-        grid += [before, after]
+        row = dict(prompt=prompt, kl_bound=torch.cat(kl).sum(1).mean().item())  # sum over steps
+        for name, images in (("pretrained", torch.cat(before)), ("finetuned", torch.cat(after))):
+            reward = reward_fn(images, [prompt] * args.eval_samples)
+            row.update({f"reward_{name}": reward.mean().item(),
+                        f"reward_{name}_std": reward.std().item()})
+            grid.append(images)
+        rows.append(row)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(dict(lora=args.lora, eval_samples=args.eval_samples, seed=args.seed,
                        reward=args.reward, results=rows), f, indent=1)
     from torchvision.utils import save_image
     save_image(torch.cat(grid), os.path.join(args.out, "eval.png"), nrow=args.eval_samples)
-    width = max(len("prompt"), *(len(r["prompt"]) for r in rows))
-    print(f"{'prompt':<{width}}  {'reward pretrained':>18}  {'reward fine-tuned':>18}  {'KL bound':>9}")
     for r in rows:
-        print(f"{r['prompt']:<{width}}  {r['reward_pretrained']:>9.4f} +- {r['reward_pretrained_std']:<6.4f}"
-              f"  {r['reward_finetuned']:>9.4f} +- {r['reward_finetuned_std']:<6.4f}  {r['kl_bound']:>9.4f}")
+        print(f"{r['prompt']}: reward {r['reward_pretrained']:.4f} +- {r['reward_pretrained_std']:.4f}"
+              f" (pretrained) -> {r['reward_finetuned']:.4f} +- {r['reward_finetuned_std']:.4f} "
+              f"(fine-tuned), KL bound {r['kl_bound']:.4f} nats")
     print(f"dpok: eval of {args.lora} written to {args.out}/eval.json and eval.png "
           "(top row of each pair: pretrained, bottom: fine-tuned, same seeds)")
     return rows
@@ -927,9 +874,7 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-COUNTS = ("steps", "samples_per_iter", "buffer_size", "policy_steps", "grad_accum", "batch_size",
-          "iterations", "lora_rank", "value_steps", "value_batch_size", "grid_every", "save_every",
-          "supervised_samples", "eval_samples")
+COUNTS = [f.name for f in dataclasses.fields(Args) if f.type is int and f.name != "seed"]
 # Flags that a mode never reads: giving one there is a mistake to report, not to ignore.
 VALUE = {"value_steps", "value_batch_size", "value_lr"}
 UNUSED = {
@@ -990,12 +935,9 @@ def check_args(args, given):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             bad(f"{flag(name)} must be a finite number >= 0, got {value}")
-        if value == 0 and name in ("lr", "clip_norm", "reward_alpha", "ratio_clip", "value_lr"):
-            bad(f"{flag(name)} 0 leaves nothing to train (" + {
-                "lr": "no step moves the weights", "clip_norm": "every gradient is clipped to 0",
-                "reward_alpha": "without the reward only the KL term is left, 0 at the start",
-                "ratio_clip": "a ratio clamped to exactly 1 has no gradient",
-                "value_lr": "the value function never learns; use --no-value"}[name] + ")")
+        if value == 0 and name not in ("guidance", "kl_beta"):  # alpha: only the KL, 0 at start
+            bad(f"{flag(name)} 0 leaves nothing to train (a ratio clamped to 1 has no gradient)"
+                if name == "ratio_clip" else f"{flag(name)} 0 leaves nothing to train")
     if not (math.isfinite(args.eta) and 0 < args.eta <= 1):
         bad(f"--eta must be in (0, 1], got {args.eta}: 0 makes DDIM deterministic (no step has a "
             "log-probability, DPOK needs eta > 0), above 1 its variance exceeds the step's")
@@ -1010,21 +952,17 @@ def check_args(args, given):
         bad(f"unknown --reward {args.reward!r}; choose from {', '.join(REWARDS)}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         bad(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        bad(f"unsupported --device {args.device!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        bad(f"--device {args.device} asked for, but no CUDA GPU is available; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        bad(f"--device {args.device}: there are {torch.cuda.device_count()} GPUs")
+    gpu = None if args.device == "cpu" else (torch.device(args.device).index or 0)
+    if gpu is not None and gpu >= torch.cuda.device_count():
+        bad(f"--device {args.device} asked for, but this machine has {torch.cuda.device_count()} "
+            "CUDA GPU(s); use --device cpu")
     if args.dtype is None:
-        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+        args.dtype = "float32" if gpu is None else "bfloat16"
     if args.dtype not in ("float32", "bfloat16", "float16"):
         bad(f"unknown --dtype {args.dtype!r}; use float32, bfloat16 or float16")
-    if args.dtype == "float16" and device.type == "cpu":
+    if args.dtype == "float16" and gpu is None:
         bad("--dtype float16 is not supported on CPU; use float32 (or bfloat16)")
 
 
@@ -1035,30 +973,25 @@ def read_prompts(args):
         else:
             with open(args.prompts, encoding="utf-8") as f:
                 prompts = [line.strip() for line in f if line.strip()]
-    except FileNotFoundError:
-        raise UsageError(f"prompts file not found: {args.prompts}")
+        if args.reward == "color":  # a prompt without a colour word is bad input
+            [importlib.import_module("offline").prompt_colour(p) for p in prompts]
     except UnicodeDecodeError:
         raise UsageError(f"prompts file is not UTF-8 text: {args.prompts}")
-    except OSError as e:
+    except OSError as e:  # missing, a folder, unreadable
         raise UsageError(f"cannot read prompts file {args.prompts}: {e.strerror}")
+    except ValueError as e:
+        raise UsageError(str(e))
     if not prompts:
         raise UsageError(f"prompts file has no prompts: {args.prompts}")
-    if args.reward == "color":
-        import offline
-
-        try:
-            [offline.prompt_colour(p) for p in prompts]  # a prompt with no colour word is bad input
-        except ValueError as e:
-            raise UsageError(str(e))
     return prompts
 
 
 def main(argv=None):
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    import diffusers
+    import transformers
 
-    diffusers_logging.set_verbosity_error()  # our own one-line messages say what went wrong
-    transformers_logging.set_verbosity_error()
+    for library in (diffusers, transformers):  # our own one-line messages say what went wrong
+        library.utils.logging.set_verbosity_error()
     # Outside the training loop (loading, data collection, eval) a signal stops at once.
     handlers = {sig: signal.signal(sig, stop_now) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1068,8 +1001,8 @@ def main(argv=None):
         print(f"dpok: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
-        print(f"\ndpok: {e}", file=sys.stderr)
-        return e.code
+        print(f"\ndpok: {e.args[0]}", file=sys.stderr)
+        return e.args[1]
     except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, a plain RuntimeError on the CPU
         if not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
             raise

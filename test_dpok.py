@@ -470,7 +470,7 @@ BAD_INPUTS = [
     *[([f, ""], f"{f} is empty") for f in ("--model", "--out", "--lora")],
     (["--prompts", "", "--prompt", None], "--prompts is empty"),
     (["--prompts", ".", "--prompt", None], "cannot read prompts file .: Is a directory"),
-    (["--prompts", "no-such-file.txt", "--prompt", None], "prompts file not found"),
+    (["--prompts", "no-such-file.txt", "--prompt", None], "No such file or directory"),
     (["--eval", "--lora", "test_dpok.py"], "no pytorch_lora_weights.safetensors"),
     (["--eval", "--lora", "."], "no pytorch_lora_weights.safetensors"),
     # flags that contradict each other, or that the mode would ignore
@@ -492,11 +492,11 @@ BAD_INPUTS = [
     # names that do not exist
     (["--reward", "aesthetic"], "unknown --reward"),
     (["--device", "tpu"], "unknown --device"),
-    (["--device", "meta"], "unsupported --device"),
+    (["--device", "meta"], "unknown --device"),
     (["--device", "cpu", "--dtype", "float16"], "float16 is not supported on CPU"),
     (["--dtype", "int8"], "unknown --dtype"),
     (["--no-such-flag"], "unrecognized arguments"),
-    *([(["--device", "cuda"], "no CUDA GPU is available")] if not torch.cuda.is_available() else []),
+    *([(["--device", "cuda"], "this machine has 0 CUDA GPU(s)")] if not torch.cuda.is_available() else []),
     (["--prompt", "a rabbit"], "needs a colour word"),
     # decided by the model's own sizes (after loading it, still before writing anything)
     (["--steps", "1001"], "--steps 1001 exceeds the model's 1000 training timesteps"),
