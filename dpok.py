@@ -11,15 +11,14 @@ supervised baseline -> the run around them (training loop, checkpoints) -> evalu
 Where this file departs from the paper / official code (README "Deviations" mirrors this list):
  1. Log-probs are averaged over latent dimensions (mean, not sum), as in the official code and
     DDPO: the sum over ~16k dims turns small changes into overflowing ratios.
- 2. The KL regulariser is the official one: mean over dims of (eps_theta - eps_pre)^2 of the
-    guided noise, without the per-step weight c_t^2 / (2 sigma_t^2) of the exact Gaussian KL
-    (`kl_step_weight` gives it; the tests check the two agree up to that weight).
+ 2. The KL regulariser is the official mean over dims of (eps_theta - eps_pre)^2 of the guided
+    noise, without the exact Gaussian KL's per-step weight c_t^2 / (2 sigma_t^2) (`kl_step_weight`).
  3. The ratio term is the official clamp(ratio, 1 - eps, 1 + eps), not PPO's min.
  4. Steps whose sigma_t is 0 (only with `set_alpha_to_one=True`, final step) are deterministic:
     they have no log-prob and are not stored as transitions.
  5. The pretrained reference is the same UNet with the LoRA adapters disabled (no second UNet).
- 6. Log-probs and ratios are computed in float32 on the stored float32 latents, even when the
-    UNet runs in half precision; the default GPU dtype is bfloat16 (official: fp16).
+ 6. Log-probs and ratios are float32 on the stored float32 latents, even when the UNet runs in
+    half precision; the default GPU dtype is bfloat16 (official: fp16).
  7. The value function reads the pooled output of SD's own text encoder, not the projected
     feature of a separate CLIP ViT-L/14: SD v1.5's text encoder is that text tower, so the two
     differ by a linear map its first layer absorbs, and no third model is loaded.
@@ -107,9 +106,8 @@ class Args:
                      "fp16), float32 on CPU")
 
 
-# Tiny-world defaults, calibrated on 2 CPU cores (README "Deviations" 8 has the numbers): a random
-# model learns only at learning rates far above the paper's; the official 1e-4 ratio clip would
-# then clamp most transitions; alpha makes up for the colour reward's ~50x smaller spread.
+# Tiny-world defaults, calibrated on 2 CPU cores (README "Deviations" 8): a random model learns only
+# at far larger learning rates, where the official 1e-4 ratio clip would clamp most transitions.
 TINY_DEFAULTS = dict(
     reward="color", steps=10, guidance=3.0, samples_per_iter=8, buffer_size=160,
     policy_steps=2, grad_accum=2, batch_size=16, lr=3e-3, ratio_clip=0.2, reward_alpha=500.0,
@@ -125,8 +123,7 @@ TINY_DEFAULTS = dict(
 def ddim_scheduler(config, steps):
     """The paper's sampler, DDIM, from a model's scheduler config (SD v1.5 ships PNDM's).
     `ddim_step_logprob` is `DDIMScheduler.step` for epsilon prediction without clipping or
-    thresholding; anything else would make every log-prob silently wrong, so another prediction
-    type is refused and clipping or thresholding is switched off, saying so."""
+    thresholding; anything else would make every log-prob wrong: refused, or switched off."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(config)
@@ -169,31 +166,27 @@ def load_pipeline(args):
     return pipe
 
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection (official)
-
-
 def add_lora(unet, rank):
-    """LoRA (Hu et al. 2021) on every attention projection of the UNet; only these train.
-    B starts at zero, so the fine-tuned model starts exactly at the pretrained one, and
-    `unet.disable_adapters()` gives back the pretrained model for the KL term."""
+    """LoRA (Hu et al. 2021) on the UNet's attention projections; only these train. B starts at
+    zero, so training starts at the pretrained model, which disable_adapters() gives back."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
+    targets = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection (official)
     width = min(min(m.in_features, m.out_features) for name, m in unet.named_modules()
-                if name.endswith(LORA_TARGETS))
+                if name.endswith(targets))
     if rank > width:
         raise UsageError(f"--lora-rank {rank} exceeds the narrowest attention projection ({width})")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(LORA_TARGETS)))
+                                target_modules=list(targets)))
     cast_training_params(unet, torch.float32)  # fp32 master weights under half precision
     return [p for p in unet.parameters() if p.requires_grad]
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts):
-    """CLIP text-encoder outputs, computed once (LoRA is on the UNet only, so they never change):
-    the token states (P, L, D) that condition the UNet, those of the empty prompt (1, L, D) for
-    guidance, and the pooled end-of-text features (P, D) that the value function reads."""
+    """Computed once (LoRA is on the UNet only): the text encoder's token states (P, L, D) and
+    those of the empty prompt (1, L, D) for guidance; the pooled features (P, D) for V."""
     ids = pipe.tokenizer([*prompts, ""], padding="max_length", truncation=True, return_tensors="pt",
                          max_length=pipe.tokenizer.model_max_length).input_ids
     out = pipe.text_encoder(ids.to(pipe.device))
@@ -272,11 +265,9 @@ def pretrained_model(unet):
 @torch.no_grad()
 def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
     """Sample len(prompt_index) images with the current UNet (LoRA on); returns (transitions,
-    images). `transitions` holds, per (image, step) pair, flattened
-    image-major: latents x_t, next_latents x_{t-1}, timesteps t, step (0..T-1), prompt_index,
-    log_prob (old log-prob, float32, of exactly the stored x_{t-1}), and with keep_eps the guided
-    noise eps_theta(x_t) (for evaluation; training recomputes it). images: (B, 3, H, W) in [0, 1].
-    """
+    images in [0, 1]). `transitions` holds, per (image, step), flattened image-major: latents x_t,
+    next_latents x_{t-1}, timesteps t, step (0..T-1), prompt_index, log_prob (the old log-prob,
+    float32, of exactly the stored x_{t-1}), and with keep_eps the guided eps_theta(x_t) (eval)."""
     scheduler, unet = pipe.scheduler, pipe.unet
     scheduler.set_timesteps(args.steps, device=pipe.device)
     n, size = len(prompt_index), unet.config.sample_size
@@ -325,12 +316,8 @@ def imagereward_reward(device, model=None):
         raise UsageError(f"cannot load ImageReward-v1.0 ({type(e).__name__}); it downloads on "
                          "first use, so connect once, or use --reward color/compressibility")
 
-    @torch.no_grad()
-    def reward(images, prompts):
-        return torch.tensor([float(model.score(p, to_pil_image(im.float().cpu())))
-                             for im, p in zip(images, prompts)])
-
-    return reward
+    return lambda images, prompts: torch.tensor(  # called under torch.no_grad()
+        [float(model.score(p, to_pil_image(im.float().cpu()))) for im, p in zip(images, prompts)])
 
 
 def offline_reward(name):  # offline.py is imported only when one of its rewards is used
@@ -346,9 +333,8 @@ REWARDS = {"imagereward": imagereward_reward, "color": offline_reward("color"),
 
 
 class ValueFunction(nn.Module):
-    """The official `ValueMulti`: on [flattened x_t, text feature of z] three 256-wide layers,
-    each ReLU(Embedding(t) * Linear(h)) with its own step embedding initialised U(0, 1) and
-    xavier-normal weights, then a linear head (deviation 7: the text feature)."""
+    """The official `ValueMulti`: on [flattened x_t, text feature of z (deviation 7)] three layers
+    ReLU(Embedding(t) * Linear(h)), embeddings U(0, 1), weights xavier-normal; a linear head."""
 
     def __init__(self, latent_dim, text_dim, steps, width=256):
         super().__init__()
@@ -389,9 +375,8 @@ def kl_step_weight(scheduler, timestep, eta):
 def policy_loss(unet, scheduler, batch, cond, uncond, args):
     """DPOK's per-transition loss (official form, deviation 3):
         -alpha * A * clamp(p_theta(x_{t-1}|x_t) / p_old(x_{t-1}|x_t), 1 - c, 1 + c) + beta * KL_t
-    with the advantage A that the batch carries. Its gradient is the policy gradient of Sec. 4
-    with importance weights for transitions sampled by an earlier policy, plus the gradient of
-    the online KL of Sec. 4."""
+    with the batch's advantage A: the policy gradient of Sec. 4, importance-weighted for
+    transitions an earlier policy sampled, plus the gradient of the online KL of Sec. 4."""
     text = cond[batch["prompt_index"]]
     eps = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond, args.guidance)
     _, log_prob = ddim_step_logprob(scheduler, eps, batch["timesteps"],
@@ -411,10 +396,9 @@ def policy_loss(unet, scheduler, batch, cond, uncond, args):
 
 
 def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
-    """Backward the mean loss over `batch` in micro-batches of `batch_size` (gradient
-    accumulation). Each micro-batch mean is weighted by its share of the batch, so the summed
-    gradient equals the full batch's gradient exactly, whatever the slicing. Returns the
-    batch-mean of the stats that loss_fn reports."""
+    """Backward the mean loss over `batch` in micro-batches of `batch_size`, each weighted by its
+    share of the batch: the summed gradient is the full batch's exactly, whatever the slicing.
+    Returns the batch-mean of the stats that loss_fn reports."""
     n = len(batch["reward"])
     stats = {}
     for start in range(0, n, batch_size):
@@ -428,8 +412,7 @@ def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# One DPOK iteration (PAPER.md Sec. 3, the paper's Algorithm 1): rollout -> score -> buffer ->
-# value function -> policy updates.
+# One DPOK iteration (PAPER.md Sec. 3, the paper's Algorithm 1).
 
 
 def setup(args, prompts):
@@ -482,8 +465,8 @@ def sample_batch(buffer, size, generator):
 
 
 def update(run, batch, loss_fn, args):
-    """One AdamW step of the LoRA weights on the mean loss over `batch`, accumulated over
-    micro-batches of batch_size, its gradient norm clipped to clip_norm (official)."""
+    """One AdamW step of the LoRA weights on the mean loss over `batch` (accumulated over
+    micro-batches of batch_size), its gradient norm clipped to clip_norm (official)."""
     run.optimizer.zero_grad(set_to_none=True)
     stats = accumulate_gradient(loss_fn, batch, args.batch_size, run.scaler)
     check_finite("loss", stats["loss"])
@@ -517,7 +500,7 @@ def update_value_function(run, args):
 
 
 def dpok_iteration(run, args):
-    """Returns the iteration's metrics and its images."""
+    """One outer iteration of DPOK; returns its metrics and images."""
     # 1. Rollout: samples_per_iter images from the current policy p_theta, every transition with
     #    its old log-prob; score each x_0 with r(x_0, z) and give every transition its reward.
     prompt_index = next_prompts(run, args.samples_per_iter)
@@ -560,9 +543,8 @@ def check_finite(name, value):
 
 @torch.no_grad()
 def collect_supervised_data(run, args):
-    """Sample --supervised-samples images per prompt from the pretrained model, score them once.
-    The loss weights rewards, so they must be non-negative: they are min-max normalised over the
-    whole data set to [0, 1] (worst image 0, best 1), which keeps their order and alpha's scale."""
+    """--supervised-samples images per prompt from the pretrained model, scored once; the loss
+    needs non-negative weights, so rewards are min-max normalised to [0, 1] (deviation 9)."""
     index = torch.arange(len(run.prompts)).repeat_interleave(args.supervised_samples)
     latents, rewards = [], []
     with pretrained_model(run.pipe.unet):
@@ -615,7 +597,7 @@ def supervised_iteration(run, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run around the iterations: set-up, output folder, checkpoints and resume, signals, logging.
+# The run around the iterations: output folder, checkpoints and resume, signals, logging.
 
 
 def save_lora(unet, out):
@@ -775,10 +757,9 @@ def train(args):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     plot_curves(history, os.path.join(args.out, "reward_curve.png"))
-    first_reward, last = history[0], history[-1]
-    print(f"dpok: reward {first_reward['reward_mean']:.4f} -> {last['reward_mean']:.4f} over "
-          f"{len(history)} iterations (KL {format_kl(last['kl'])}); LoRA weights and metrics in "
-          f"{args.out}")
+    print(f"dpok: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f} over "
+          f"{len(history)} iterations (KL {format_kl(history[-1]['kl'])}); LoRA weights and "
+          f"metrics in {args.out}")
     return history
 
 
@@ -800,7 +781,6 @@ def plot_curves(history, path):
 # Evaluation: pretrained vs fine-tuned on the same seeds, and the KL bound of the fine-tuned model.
 
 
-@torch.no_grad()
 def kl_bound(pipe, transitions, cond, uncond, args):
     """Exact KL_t of each stored transition: two Gaussians with the same sigma_t, summed over
     latent dims. Summed over t it bounds KL(p_theta(x_0|z) || p_pre(x_0|z)) (paper's lemma)."""
@@ -815,6 +795,7 @@ def kl_bound(pipe, transitions, cond, uncond, args):
     return torch.cat(step_kl)  # (transitions,), image-major like the rollout
 
 
+@torch.no_grad()
 def evaluate(args):
     prompts = read_prompts(args)
     check_writable(args.out)  # eval.json and eval.png may go beside the run they evaluate
@@ -891,14 +872,11 @@ NEEDS = {"supervised_samples": "supervised", "eval_samples": "eval"}
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Args):
-        help = f.metadata["help"]
-        if f.type is bool:
-            parser.add_argument(flag(f.name), action="store_true", help=help)
-        else:
-            if f.default is not None:
-                tiny = f"; --tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
-                help = f"{help} (default {f.default}{tiny})"
-            parser.add_argument(flag(f.name), type=f.type, help=help)
+        tiny = f"; --tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
+        shown = f.default is not None and f.type is not bool
+        default = f" (default {f.default}{tiny})" if shown else ""
+        kind = dict(action="store_true") if f.type is bool else dict(type=f.type)
+        parser.add_argument(flag(f.name), help=f.metadata["help"] + default, **kind)
     given = vars(parser.parse_args(argv))
     args = Args(**{**(TINY_DEFAULTS if given.get("tiny") else {}), **given})
     check_args(args, set(given))
