@@ -37,6 +37,7 @@ def best_of(fn, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sd15", action="store_true", help="SD v1.5's architecture at 512 px")
+    parser.add_argument("--latent-size", type=int, default=64, help="with --sd15 (64: 512 px)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     options = parser.parse_args()
@@ -44,7 +45,7 @@ def main():
     world = ["--reward", "compressibility"] if options.sd15 else ["--tiny"]
     args = dpok.parse_args([*world, "--prompt", prompt, "--device", options.device])
     if options.sd15:
-        pipe = offline.sd15_pipeline(sample_size=64).to(args.device, getattr(torch, args.dtype))
+        pipe = offline.sd15_pipeline(options.latent_size).to(args.device, getattr(torch, args.dtype))
         pipe.scheduler = dpok.ddim_scheduler(pipe.scheduler.config, args.steps)
         pipe.set_progress_bar_config(disable=True)
         pipe.unet.requires_grad_(False)

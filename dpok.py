@@ -56,8 +56,7 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Hyperparameters. Defaults are the official code's (PAPER.md Sec. 3) unless marked otherwise.
+# ---- Hyperparameters: the official code's defaults (PAPER.md Sec. 3) unless marked otherwise
 
 
 def opt(default, help):
@@ -86,7 +85,7 @@ class Args:
     kl_beta: float = opt(0.01, "beta: weight of the KL regulariser (kl_weight)")
     ratio_clip: float = opt(1e-4, "importance ratio clamped to [1 - c, 1 + c]")
     no_value: bool = opt(False, "no value function: advantage = reward")
-    value_steps: int = opt(5, "value batches accumulated into its one AdamW step per iteration (v_step)")
+    value_steps: int = opt(5, "value batches accumulated into its one step per iteration (v_step)")
     value_batch_size: int = opt(256, "transitions per value-function batch (v_batch_size)")
     value_lr: float = opt(1e-4, "value-function learning rate")
     iterations: int = opt(2000, "outer iterations (official: 10000 policy steps / 5)")
@@ -116,8 +115,7 @@ TINY_DEFAULTS = dict(
 )
 
 
-# ----------------------------------------------------------------------------------------------
-# Models: Stable Diffusion through diffusers (or the offline world's tiny pipeline), LoRA on the UNet.
+# ---- Models: Stable Diffusion via diffusers (or offline.py's tiny pipeline), LoRA on the UNet
 
 
 def ddim_scheduler(config, steps):
@@ -193,8 +191,7 @@ def encode_prompts(pipe, prompts):
     return out.last_hidden_state[:-1], out.last_hidden_state[-1:], out.pooler_output[:-1]
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampler: one DDIM step is one Gaussian policy action (PAPER.md Sec. 1, paper Sec. 4).
+# ---- Sampler: one DDIM step is one Gaussian policy action (PAPER.md Sec. 1, paper Sec. 4).
 
 
 def ddim_alphas(scheduler, timestep):
@@ -258,8 +255,7 @@ def pretrained_model(unet):
         unet.enable_adapters()
 
 
-# ----------------------------------------------------------------------------------------------
-# Rollout: sample trajectories x_T -> x_0 and store every stochastic transition.
+# ---- Rollout: sample trajectories x_T -> x_0 and store every stochastic transition.
 
 
 @torch.no_grad()
@@ -298,8 +294,7 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
     return transitions, pipe.image_processor.postprocess(images.float(), output_type="pt")
 
 
-# ----------------------------------------------------------------------------------------------
-# Rewards r(x_0, z): ImageReward (the paper's); offline.py has two that need no weights.
+# ---- Rewards r(x_0, z): ImageReward (the paper's); offline.py has two that need no weights.
 
 
 def imagereward_reward(device, model=None):
@@ -328,8 +323,7 @@ REWARDS = {"imagereward": imagereward_reward, "color": offline_reward("color"),
            "compressibility": offline_reward("compressibility")}
 
 
-# ----------------------------------------------------------------------------------------------
-# Value function V(x_t, z, t) (official code, v_flag = 1): a baseline for the advantage.
+# ---- Value function V(x_t, z, t) (official code, v_flag = 1): a baseline for the advantage.
 
 
 class ValueFunction(nn.Module):
@@ -354,8 +348,7 @@ class ValueFunction(nn.Module):
         return self.head(h).squeeze(1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses (paper Sec. 4, the KL-regularised objective; official train_online_pg.py).
+# ---- Losses (paper Sec. 4, the KL-regularised objective; official train_online_pg.py).
 
 
 def kl_regulariser(eps, eps_pre):
@@ -411,8 +404,7 @@ def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
     return stats
 
 
-# ----------------------------------------------------------------------------------------------
-# One DPOK iteration (PAPER.md Sec. 3, the paper's Algorithm 1).
+# ---- One DPOK iteration (PAPER.md Sec. 3, the paper's Algorithm 1).
 
 
 def setup(args, prompts):
@@ -536,9 +528,7 @@ def check_finite(name, value):
         raise FloatingPointError(f"{name} ({value})")
 
 
-# ----------------------------------------------------------------------------------------------
-# Supervised baseline (paper Sec. 4.2, after Lee et al. 2023): reward-weighted denoising on images
-# sampled once from the pretrained model, with the KL term evaluated offline on them ("KL-O").
+# ---- Supervised baseline (paper Sec. 4.2): reward-weighted denoising on fixed samples, KL-O
 
 
 @torch.no_grad()
@@ -596,8 +586,7 @@ def supervised_iteration(run, args):
     return iteration_metrics(rewards, updates), images
 
 
-# ----------------------------------------------------------------------------------------------
-# The run around the iterations: output folder, checkpoints and resume, signals, logging.
+# ---- The run around the iterations: output folder, checkpoints and resume, signals, logging.
 
 
 def save_lora(unet, out):
@@ -714,8 +703,8 @@ def train(args):
           f"({args.dtype}), reward {args.reward}, {len(prompts)} prompt(s), {len(run.params)} LoRA "
           f"tensors ({sum(p.numel() for p in run.params):,} weights); per iteration "
           f"{args.samples_per_iter} x {args.steps} transitions in, {args.policy_steps} updates of "
-          f"{args.grad_accum} x {args.batch_size}" + (f"; resuming at {first}" if saved else ""),
-          file=sys.stderr)
+          f"{args.grad_accum} x {args.batch_size} transitions"
+          + (f"; resuming at iteration {first}" if saved else ""), file=sys.stderr)
     iterate = supervised_iteration if args.supervised else dpok_iteration
 
     # First SIGINT/SIGTERM: finish the iteration in flight, save, exit. A second: stop at once.
@@ -777,8 +766,7 @@ def plot_curves(history, path):
     figure.savefig(path, dpi=100, bbox_inches="tight")
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation: pretrained vs fine-tuned on the same seeds, and the KL bound of the fine-tuned model.
+# ---- Evaluation: pretrained vs fine-tuned on the same seeds; the fine-tuned model's KL bound
 
 
 def kl_bound(pipe, transitions, cond, uncond, args):
@@ -842,8 +830,7 @@ def evaluate(args):
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: parsing, every bad input as one line with exit code 2, main.
+# ---- Command line: parsing, every bad input as one line with exit code 2, main.
 
 
 class Parser(argparse.ArgumentParser):
