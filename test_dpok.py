@@ -531,12 +531,14 @@ def test_unreadable_prompts_files_are_rejected(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_missing_model_offline_says_use_tiny(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("model", ["no-such-org/no-such-model", "test_dpok.py", "."],
+                         ids=["unknown id", "a file", "a folder that is no pipeline"])
+def test_missing_model_offline_says_use_tiny(model, tmp_path, capsys, monkeypatch):
     hub_offline(monkeypatch)
-    argv = ["--prompt", PROMPT, "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o")]
+    argv = ["--prompt", PROMPT, "--model", model, "--out", str(tmp_path / "o")]
     assert dpok.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--tiny" in err[0] and "cannot load model" in err[0]
+    assert len(err) == 1 and "--tiny" in err[0] and "cannot load model" in err[0], err
     assert not (tmp_path / "o").exists()
 
 
