@@ -518,7 +518,8 @@ def dpok_iteration(run, args):
 
 def iteration_metrics(rewards, updates, value_loss=None):
     """The reward of the iteration's samples and the mean of each statistic over its updates."""
-    return dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().nan_to_num().item(),
+    reward_std = rewards.std().item() if len(rewards) > 1 else 0.0  # one image: no spread, no warning
+    return dict(reward_mean=rewards.mean().item(), reward_std=reward_std,
                 **{"kl": None, **{k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}},
                 value_loss=value_loss)
 
