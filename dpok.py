@@ -1,32 +1,13 @@
 """DPOK: online RL fine-tuning of a text-to-image diffusion model with a KL penalty.
 
 Fan et al., "DPOK: Reinforcement Learning for Fine-tuning Text-to-Image Diffusion Models",
-NeurIPS 2023, https://arxiv.org/abs/2305.16381. One file, read top to bottom like the paper:
-models -> sampler -> rollout -> rewards -> value function -> losses -> one DPOK iteration ->
-supervised baseline -> the run around them (training loop, checkpoints) -> evaluation -> CLI.
+NeurIPS 2023, https://arxiv.org/abs/2305.16381; read it beside the paper, top to bottom. Every
+departure from the paper and the official code is numbered in the README's "Deviations" and
+cited where it happens as (deviation N).
 
     python dpok.py --prompt "A green colored rabbit" --kl-beta 0.01     # SD v1.5 + ImageReward, GPU
     python dpok.py --tiny --prompt "a green colored rabbit"             # offline, CPU, ~1 minute
-
-Where this file departs from the paper / official code (README "Deviations" mirrors this list):
- 1. Log-probs are averaged over latent dimensions (mean, not sum), as in the official code and
-    DDPO: the sum over ~16k dims turns small changes into overflowing ratios.
- 2. The KL regulariser is the official mean over dims of (eps_theta - eps_pre)^2 of the guided
-    noise, without the exact Gaussian KL's per-step weight c_t^2 / (2 sigma_t^2) (`kl_step_weight`).
- 3. The ratio term is the official clamp(ratio, 1 - eps, 1 + eps), not PPO's min.
- 4. Steps whose sigma_t is 0 (only with `set_alpha_to_one=True`, final step) are deterministic:
-    they have no log-prob and are not stored as transitions.
- 5. The pretrained reference is the same UNet with the LoRA adapters disabled (no second UNet).
- 6. Log-probs and ratios are float32 on the stored float32 latents, even when the UNet runs in
-    half precision; the default GPU dtype is bfloat16 (official: fp16).
- 7. The value function reads the pooled output of SD's own text encoder, not the projected
-    feature of a separate CLIP ViT-L/14: SD v1.5's text encoder is that text tower, so the two
-    differ by a linear map its first layer absorbs, and no third model is loaded.
- 8. `--tiny` changes defaults for a random CPU-sized model (see TINY_DEFAULTS): fewer steps,
-    lower guidance, far larger learning rates, a wider ratio clip and alpha scaled to the
-    colour reward's spread; its GroupNorms have one group. The algorithm is unchanged.
- 9. Supervised baseline: rewards are min-max normalised to [0, 1] (the loss needs non-negative
-    weights), and its noise predictions are conditional (no guidance).
+    torchrun --nproc-per-node 4 dpok.py --prompts prompts.txt ...      # several GPUs
 """
 
 import argparse
@@ -46,9 +27,18 @@ import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import diffusers
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from torchvision.utils import save_image
 from tqdm import tqdm
 
 
@@ -57,8 +47,6 @@ class UsageError(Exception):
 
 
 # ---- Hyperparameters: the official code's defaults (PAPER.md Sec. 3) unless marked otherwise
-
-
 def opt(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -101,29 +89,14 @@ class Args:
     lora: str = opt(None, "folder with pytorch_lora_weights.safetensors, for --eval")
     eval_samples: int = opt(50, "images per prompt for --eval (paper: 50 single, 30 multi-prompt)")
     device: str = opt(None, "cpu | cuda | cuda:N; default cuda if available")
-    dtype: str = opt(None, "float32 | bfloat16 | float16; default bfloat16 on GPU (official: "
-                     "fp16), float32 on CPU")
-
-
-# Tiny-world defaults, calibrated on 2 CPU cores (README "Deviations" 8): a random model learns only
-# at far larger learning rates, where the official 1e-4 ratio clip would clamp most transitions.
-TINY_DEFAULTS = dict(
-    reward="color", steps=10, guidance=3.0, samples_per_iter=8, buffer_size=160,
-    policy_steps=2, grad_accum=2, batch_size=16, lr=3e-3, ratio_clip=0.2, reward_alpha=500.0,
-    value_steps=10, value_batch_size=128, value_lr=1e-2, iterations=100, save_every=25,
-    supervised_samples=800, eval_samples=32,
-)
+    dtype: str = opt(None, "float32 | bfloat16 | float16; default bfloat16 on GPU, float32 on CPU")
 
 
 # ---- Models: Stable Diffusion via diffusers (or offline.py's tiny pipeline), LoRA on the UNet
-
-
 def ddim_scheduler(config, steps):
     """The paper's sampler, DDIM, from a model's scheduler config (SD v1.5 ships PNDM's).
     `ddim_step_logprob` is `DDIMScheduler.step` for epsilon prediction without clipping or
     thresholding; anything else would make every log-prob wrong: refused, or switched off."""
-    from diffusers import DDIMScheduler
-
     scheduler = DDIMScheduler.from_config(config)
     if scheduler.config.prediction_type != "epsilon":
         raise UsageError(f"the model predicts {scheduler.config.prediction_type!r}; the DPOK "
@@ -133,14 +106,12 @@ def ddim_scheduler(config, steps):
                          f"{scheduler.config.num_train_timesteps} training timesteps")
     for name in ("clip_sample", "thresholding"):
         if scheduler.config[name]:
-            print(f"dpok: note: the DPOK sampler does not implement the model scheduler's {name}; "
-                  "it samples without", file=sys.stderr)
+            say(f"dpok: note: the DPOK sampler does not implement the model scheduler's {name}; "
+                "it samples without", file=sys.stderr)
     return DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
 
 
 def load_pipeline(args):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     dtype = getattr(torch, args.dtype)
     if args.tiny:
         pipe = importlib.import_module("offline").tiny_pipeline(args.seed)
@@ -167,9 +138,6 @@ def load_pipeline(args):
 def add_lora(unet, rank):
     """LoRA (Hu et al. 2021) on the UNet's attention projections; only these train. B starts at
     zero, so training starts at the pretrained model, which disable_adapters() gives back."""
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-
     targets = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection (official)
     width = min(min(m.in_features, m.out_features) for name, m in unet.named_modules()
                 if name.endswith(targets))
@@ -192,8 +160,6 @@ def encode_prompts(pipe, prompts):
 
 
 # ---- Sampler: one DDIM step is one Gaussian policy action (PAPER.md Sec. 1, paper Sec. 4).
-
-
 def ddim_alphas(scheduler, timestep):
     """alphas_cumprod at t and at the previous DDIM timestep (final alpha after the last step)."""
     t = torch.as_tensor(timestep, device=scheduler.alphas_cumprod.device).long().reshape(-1)
@@ -217,7 +183,7 @@ def ddim_step_logprob(scheduler, model_output, timestep, sample, eta, prev_sampl
     transitions under the current policy). `timestep` is an int or one per sample. The
     log-prob is averaged over latent dimensions (deviation 1); where sigma_t = 0 the step is a
     point mass with no density and its log-prob is reported as 0 (deviation 4)."""
-    model_output, sample = model_output.float(), sample.float()
+    model_output, sample = model_output.float(), sample.float()  # also in half precision (dev. 6)
     a_t, a_prev = (a.to(sample.device).view(-1, 1, 1, 1) for a in ddim_alphas(scheduler, timestep))
     sigma = ddim_sigma(scheduler, timestep, eta).to(sample.device).view(-1, 1, 1, 1)
     x0_hat = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
@@ -247,7 +213,7 @@ def guided_eps(unet, latents, timesteps, cond, uncond, guidance):
 
 @contextlib.contextmanager
 def pretrained_model(unet):
-    """The pretrained model p_pre: the same UNet with its LoRA adapters switched off."""
+    """The pretrained model p_pre: the same UNet with its LoRA adapters off (deviation 5)."""
     unet.disable_adapters()
     try:
         yield unet
@@ -256,8 +222,6 @@ def pretrained_model(unet):
 
 
 # ---- Rollout: sample trajectories x_T -> x_0 and store every stochastic transition.
-
-
 @torch.no_grad()
 def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
     """Sample len(prompt_index) images with the current UNet (LoRA on); returns (transitions,
@@ -295,8 +259,6 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
 
 
 # ---- Rewards r(x_0, z): ImageReward (the paper's); offline.py has two that need no weights.
-
-
 def imagereward_reward(device, model=None):
     """ImageReward-v1.0 (Xu et al. 2023), downloaded (~1.7 GB) on first use; `model` lets a test
     pass one built offline. Scores are standardised by the package. Not differentiated."""
@@ -324,8 +286,6 @@ REWARDS = {"imagereward": imagereward_reward, "color": offline_reward("color"),
 
 
 # ---- Value function V(x_t, z, t) (official code, v_flag = 1): a baseline for the advantage.
-
-
 class ValueFunction(nn.Module):
     """The official `ValueMulti`: on [flattened x_t, text feature of z (deviation 7)] three layers
     ReLU(Embedding(t) * Linear(h)), embeddings U(0, 1), weights xavier-normal; a linear head."""
@@ -349,8 +309,6 @@ class ValueFunction(nn.Module):
 
 
 # ---- Losses (paper Sec. 4, the KL-regularised objective; official train_online_pg.py).
-
-
 def kl_regulariser(eps, eps_pre):
     """Official KL surrogate: mean over dims of (eps_theta - eps_pre)^2 (deviation 2)."""
     return ((eps - eps_pre) ** 2).mean(dim=(1, 2, 3))
@@ -404,9 +362,40 @@ def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
     return stats
 
 
+# ---- Several processes (torchrun): own samples and buffer per rank; gradients averaged over ranks
+def world():
+    """(rank, number of processes); (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def say(message, **kwargs):  # rank 0 alone prints
+    if os.environ.get("RANK", "0") == "0":
+        print(message, **kwargs)
+
+
+def average_over_ranks(stats, params):
+    """The accumulated gradients of `params` and the `stats`, averaged over ranks in place. Every
+    rank accumulates an equal share of transitions, so this is the gradient of one process on
+    the union of all ranks' transitions. A non-finite stat on one rank reaches every rank."""
+    if not dist.is_initialized():
+        return stats
+    values = torch.tensor(list(stats.values()), device=params[0].device)
+    for tensor in (values, *(p.grad for p in params)):
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return dict(zip(stats, values.tolist()))
+
+
+def all_gather(tensor):
+    """Every rank's `tensor`, concatenated in rank order."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
 # ---- One DPOK iteration (PAPER.md Sec. 3, the paper's Algorithm 1).
-
-
 def setup(args, prompts):
     """What a training run holds: the models and their optimizers, the buffer, the RNG state."""
     torch.manual_seed(args.seed)  # LoRA and value-function initialisation
@@ -424,30 +413,35 @@ def setup(args, prompts):
         scaler=torch.amp.GradScaler(enabled=args.dtype == "float16"),
         value_fn=value_fn,  # its optimizer keeps torch's default weight decay, as the official
         value_opt=value_fn and torch.optim.AdamW(value_fn.parameters(), lr=args.value_lr),
-        generator=torch.Generator().manual_seed(args.seed),  # every random draw after start-up
+        generator=torch.Generator().manual_seed(args.seed + world()[0]),  # every later draw
         buffer=None, prompt_queue=[])  # transitions, each key (N, ...); the rest of a prompt pass
 
 
 def next_prompts(run, n):
-    """The next n prompt indices of an endless sequence of shuffled passes over the prompts (the
-    official data iterator): distinct within an iteration while there are at least n prompts."""
+    """This rank's share of rank 0's next n x ranks prompts from shuffled passes over the prompt
+    list (the official data iterator): distinct within an iteration while there are enough."""
+    rank, size = world()
     chosen = []
-    while len(chosen) < n:
+    while len(chosen) < n * size:
         if not run.prompt_queue:
             run.prompt_queue = torch.randperm(len(run.prompts), generator=run.generator).tolist()
         # a prompt already chosen in this iteration waits for the next one, unless all were
         pick = next((i for i in run.prompt_queue if i not in chosen), run.prompt_queue[0])
         run.prompt_queue.remove(pick)
         chosen.append(pick)
-    return torch.tensor(chosen, device=run.cond.device)
+    chosen = torch.tensor(chosen, device=run.cond.device)
+    if dist.is_initialized():
+        dist.broadcast(chosen, src=0)
+    return chosen[rank * n:(rank + 1) * n]
 
 
 def score(run, images, prompt_index):
-    """r(x_0, z) of each image, float32; a non-finite reward stops the run."""
+    """r(x_0, z) of this rank's images and of all ranks'; a non-finite one stops every rank."""
     with torch.no_grad():
         rewards = run.reward_fn(images, [run.prompts[i] for i in prompt_index]).float()
-    check_finite("reward", rewards.sum().item())
-    return rewards.to(run.cond.device)
+    everyone = all_gather(rewards.to(run.cond.device))
+    check_finite("reward", everyone.sum().item())
+    return rewards.to(run.cond.device), everyone
 
 
 def sample_batch(buffer, size, generator):
@@ -460,7 +454,8 @@ def update(run, batch, loss_fn, args):
     """One AdamW step of the LoRA weights on the mean loss over `batch` (accumulated over
     micro-batches of batch_size), its gradient norm clipped to clip_norm (official)."""
     run.optimizer.zero_grad(set_to_none=True)
-    stats = accumulate_gradient(loss_fn, batch, args.batch_size, run.scaler)
+    stats = average_over_ranks(accumulate_gradient(loss_fn, batch, args.batch_size, run.scaler),
+                               run.params)
     check_finite("loss", stats["loss"])
     run.scaler.unscale_(run.optimizer)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.params, args.clip_norm).item()
@@ -486,6 +481,7 @@ def update_value_function(run, args):
         loss = F.mse_loss(value(run, batch), batch["reward"])  # regressed on the final reward
         (loss / args.value_steps).backward()
         mse += loss.item() / args.value_steps
+    mse = average_over_ranks(dict(mse=mse), list(run.value_fn.parameters()))["mse"]
     check_finite("value loss", mse)
     run.value_opt.step()
     return mse
@@ -497,7 +493,7 @@ def dpok_iteration(run, args):
     #    its old log-prob; score each x_0 with r(x_0, z) and give every transition its reward.
     prompt_index = next_prompts(run, args.samples_per_iter)
     transitions, images = rollout(run.pipe, run.cond, run.uncond, prompt_index, args, run.generator)
-    rewards = score(run, images, prompt_index)
+    rewards, everyone = score(run, images, prompt_index)
     transitions["reward"] = rewards.repeat_interleave(len(transitions["log_prob"]) // len(rewards))
     # 2. FIFO buffer of the last buffer_size transitions.
     run.buffer = {k: (v if run.buffer is None else torch.cat([run.buffer[k], v]))[-args.buffer_size:]
@@ -513,7 +509,7 @@ def dpok_iteration(run, args):
             batch["advantage"] = batch["reward"] - (0.0 if run.value_fn is None else value(run, batch))
         updates.append(update(run, batch, lambda micro: policy_loss(
             run.pipe.unet, run.pipe.scheduler, micro, run.cond, run.uncond, args), args))
-    return iteration_metrics(rewards, updates, value_mse), images
+    return iteration_metrics(everyone, updates, value_mse), images
 
 
 def iteration_metrics(rewards, updates, value_loss=None):
@@ -530,31 +526,29 @@ def check_finite(name, value):
 
 
 # ---- Supervised baseline (paper Sec. 4.2): reward-weighted denoising on fixed samples, KL-O
-
-
 @torch.no_grad()
 def collect_supervised_data(run, args):
-    """--supervised-samples images per prompt from the pretrained model, scored once; the loss
-    needs non-negative weights, so rewards are min-max normalised to [0, 1] (deviation 9)."""
+    """--supervised-samples images per prompt (per rank) from the pretrained model, scored once;
+    the loss needs non-negative weights: rewards min-max normalised to [0, 1] (deviation 9)."""
     index = torch.arange(len(run.prompts)).repeat_interleave(args.supervised_samples)
-    latents, rewards = [], []
+    latents, scores = [], []
     with pretrained_model(run.pipe.unet):
         for chunk in tqdm(index.split(args.samples_per_iter), desc="sampling data", leave=False):
             chunk = chunk.to(run.cond.device)
             transitions, images = rollout(run.pipe, run.cond, run.uncond, chunk, args, run.generator)
             latents.append(transitions["next_latents"].unflatten(0, (len(chunk), -1))[:, -1])  # x_0
-            rewards.append(score(run, images, chunk))
-    rewards = torch.cat(rewards)
-    weight = (rewards - rewards.min()) / (rewards.max() - rewards.min()).clamp(min=1e-12)
-    print(f"dpok: supervised data: {len(rewards)} images, reward {rewards.mean():.4f} "
-          f"+- {rewards.std():.4f}", file=sys.stderr)
+            scores.append(score(run, images, chunk))
+    rewards, everyone = (torch.cat(s) for s in zip(*scores))  # this rank's, all ranks'
+    weight = (rewards - everyone.min()) / (everyone.max() - everyone.min()).clamp(min=1e-12)
+    say(f"dpok: supervised data: {len(everyone)} images, reward {everyone.mean():.4f} "
+        f"+- {everyone.std():.4f}", file=sys.stderr)
     return dict(latents=torch.cat(latents), prompt_index=index.to(run.cond.device), reward=weight)
 
 
 def supervised_loss(unet, scheduler, batch, cond, args, generator):
     """alpha * w(r) * ||n - eps_theta(x_t, t, z)||^2 + beta * ||eps_theta - eps_pre||^2 on
     x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n with t uniform, n ~ N(0, I) (PAPER.md Sec. 4).
-    Conditional noise predictions (no guidance), as in ordinary diffusion fine-tuning."""
+    Conditional noise predictions (no guidance, deviation 9), as in diffusion fine-tuning."""
     x0, text = batch["latents"], cond[batch["prompt_index"]]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
@@ -577,26 +571,20 @@ def supervised_iteration(run, args):
     # 1. Fresh samples of the current model, only to measure the reward as DPOK's iterations do.
     prompt_index = next_prompts(run, args.samples_per_iter)
     _, images = rollout(run.pipe, run.cond, run.uncond, prompt_index, args, run.generator)
-    rewards = score(run, images, prompt_index)
+    _, everyone = score(run, images, prompt_index)
     # 2. policy_steps updates on random batches of the fixed data set (no buffer, no value).
     updates = []
     for _ in range(args.policy_steps):
         batch = sample_batch(run.buffer, args.grad_accum * args.batch_size, run.generator)
         updates.append(update(run, batch, lambda micro: supervised_loss(
             run.pipe.unet, run.pipe.scheduler, micro, run.cond, args, run.generator), args))
-    return iteration_metrics(rewards, updates), images
+    return iteration_metrics(everyone, updates), images
 
 
 # ---- The run around the iterations: output folder, checkpoints and resume, signals, logging.
-
-
 def save_lora(unet, out):
     """LoRA weights in diffusers' format: StableDiffusionPipeline.load_lora_weights(out) loads them.
     Written in a temporary folder and renamed, so a crash never leaves a half-written file."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
     name = "pytorch_lora_weights.safetensors"
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         StableDiffusionPipeline.save_lora_weights(
@@ -645,8 +633,11 @@ def check_out(args):
             if name not in RESUMABLE and getattr(args, name) != value:
                 raise UsageError(f"--resume: {flag(name)} was {value!r} in the checkpoint, now "
                                  f"{getattr(args, name)!r}; resume with the same value")
+        if len(saved["ranks"]) != world()[1]:  # each rank continues its own buffer and RNG
+            raise UsageError(f"--resume: the checkpoint was written by {len(saved['ranks'])} "
+                             f"process(es), this run has {world()[1]}")
         return saved
-    if previous:  # --overwrite: remove what an earlier run wrote, nothing else
+    if previous and world()[0] == 0:  # --overwrite: remove what an earlier run wrote, nothing else
         for name in os.listdir(args.out):
             if name.startswith(OUTPUTS):
                 os.remove(os.path.join(args.out, name))
@@ -654,20 +645,30 @@ def check_out(args):
 
 
 def save_checkpoint(run, args, iteration):
-    """Everything a resumed run needs to continue bit for bit; written atomically (tmp + rename)."""
-    state = dict(
-        iteration=iteration, args=dataclasses.asdict(args), buffer=run.buffer,
-        prompt_queue=run.prompt_queue, generator=run.generator.get_state(),
-        lora={n: p.detach() for n, p in run.pipe.unet.named_parameters() if p.requires_grad},
-        **{name: getattr(run, name) and getattr(run, name).state_dict() for name in STATEFUL})
-    path = os.path.join(args.out, "checkpoint.pt")
-    try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        save_lora(run.pipe.unet, args.out)
-    except OSError as e:  # disk full, folder removed: the previous checkpoint is still whole
-        raise TrainingStopped(f"cannot write the checkpoint in {args.out} ({e}); the previous "
-                              "one is intact", 1)
+    """Everything a resumed run needs to continue bit for bit, every rank's buffer and RNG state
+    included; rank 0 writes it atomically (tmp + rename). Called by all ranks."""
+    rank, size = world()
+    mine = dict(buffer={k: v.cpu() for k, v in run.buffer.items()}, prompt_queue=run.prompt_queue,
+                generator=run.generator.get_state())
+    ranks = [mine] if size == 1 else [None] * size if rank == 0 else None  # rank 0 gathers all
+    if size > 1:
+        dist.gather_object(mine, ranks)
+    error = None
+    if rank == 0:
+        path = os.path.join(args.out, "checkpoint.pt")
+        state = dict(
+            iteration=iteration, args=dataclasses.asdict(args), ranks=ranks,
+            lora={n: p.detach() for n, p in run.pipe.unet.named_parameters() if p.requires_grad},
+            **{name: getattr(run, name) and getattr(run, name).state_dict() for name in STATEFUL})
+        try:
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            save_lora(run.pipe.unet, args.out)
+        except OSError as e:  # disk full, folder removed: the previous checkpoint is still whole
+            error = str(e)
+    if all_gather(torch.tensor([float(error is not None)], device=run.cond.device)).any():
+        raise TrainingStopped(f"cannot write the checkpoint in {args.out} ({error}); the "
+                              "previous one is intact", 1)
 
 
 def stop_now(signum, frame):
@@ -683,6 +684,7 @@ def train(args):
     prompts = read_prompts(args)
     saved = check_out(args)
     run = setup(args, prompts)
+    rank, size = world()
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     history, first = [], 0
@@ -691,21 +693,24 @@ def train(args):
         for name in STATEFUL:
             if getattr(run, name) is not None:
                 getattr(run, name).load_state_dict(saved[name])
-        run.generator.set_state(saved["generator"])
-        run.buffer = {k: v.to(args.device) for k, v in saved["buffer"].items()}
-        run.prompt_queue, first = saved["prompt_queue"], saved["iteration"]
-        with open(metrics_path) as f:
-            history = [m for m in map(json.loads, f) if m["iteration"] < first]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in history)
+        mine, first = saved["ranks"][rank], saved["iteration"]
+        run.generator.set_state(mine["generator"])
+        run.buffer = {k: v.to(args.device) for k, v in mine["buffer"].items()}
+        run.prompt_queue = mine["prompt_queue"]
+        if rank == 0:
+            with open(metrics_path) as f:
+                history = [m for m in map(json.loads, f) if m["iteration"] < first]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in history)
     elif args.supervised:  # the baseline's fixed data set plays the buffer's part
         run.buffer = collect_supervised_data(run, args)
-    print(f"dpok: {'tiny random pipeline' if args.tiny else args.model} on {args.device} "
-          f"({args.dtype}), reward {args.reward}, {len(prompts)} prompt(s), {len(run.params)} LoRA "
-          f"tensors ({sum(p.numel() for p in run.params):,} weights); per iteration "
-          f"{args.samples_per_iter} x {args.steps} transitions in, {args.policy_steps} updates of "
-          f"{args.grad_accum} x {args.batch_size} transitions"
-          + (f"; resuming at iteration {first}" if saved else ""), file=sys.stderr)
+    say(f"dpok: {'tiny random pipeline' if args.tiny else args.model} on {args.device} "
+        f"({args.dtype}{f', {size} processes' if size > 1 else ''}), reward {args.reward}, "
+        f"{len(prompts)} prompt(s), {len(run.params)} LoRA tensors "
+        f"({sum(p.numel() for p in run.params):,} weights); per iteration and process "
+        f"{args.samples_per_iter} x {args.steps} transitions in, {args.policy_steps} updates of "
+        f"{args.grad_accum} x {args.batch_size} transitions"
+        + (f"; resuming at iteration {first}" if saved else ""), file=sys.stderr)
     iterate = supervised_iteration if args.supervised else dpok_iteration
 
     # First SIGINT/SIGTERM: finish the iteration in flight, save, exit. A second: stop at once.
@@ -719,7 +724,7 @@ def train(args):
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         bar = tqdm(range(first, args.iterations), desc="dpok", dynamic_ncols=True,
-                   initial=first, total=args.iterations)
+                   initial=first, total=args.iterations, disable=rank > 0)
         for iteration in bar:
             start = time.time()
             try:
@@ -729,27 +734,30 @@ def train(args):
                                       "checkpoint in --out is the last good state", 1)
             metrics = dict(iteration=iteration, **metrics, seconds=time.time() - start)
             history.append(metrics)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if iteration % args.grid_every == 0 or iteration == args.iterations - 1:
-                from torchvision.utils import save_image
-                save_image(images, os.path.join(args.out, f"samples_{iteration:05d}.png"),
-                           nrow=math.ceil(math.sqrt(len(images))))
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=format_kl(metrics["kl"]))
-            if stop or (iteration + 1) % args.save_every == 0 or iteration + 1 == args.iterations:
+            if rank == 0:  # metrics (of all ranks), rank 0's images, the progress bar
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if iteration % args.grid_every == 0 or iteration == args.iterations - 1:
+                    save_image(images, os.path.join(args.out, f"samples_{iteration:05d}.png"),
+                               nrow=math.ceil(math.sqrt(len(images))))
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=format_kl(metrics["kl"]))
+            # a signal to any rank stops every rank after this same iteration
+            signum = int(all_gather(torch.tensor(stop[:1] or [0], device=run.cond.device)).max())
+            if signum or (iteration + 1) % args.save_every == 0 or iteration + 1 == args.iterations:
                 save_checkpoint(run, args, iteration + 1)
-            if stop:
-                name = signal.Signals(stop[0]).name
+            if signum:
                 raise TrainingStopped(
-                    f"{name}: saved iteration {iteration + 1} to {args.out}/checkpoint.pt; continue "
-                    f"with the same command and --resume", 128 + stop[0])
+                    f"{signal.Signals(signum).name}: saved iteration {iteration + 1} to "
+                    f"{args.out}/checkpoint.pt; continue with the same command and --resume",
+                    128 + signum)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    plot_curves(history, os.path.join(args.out, "reward_curve.png"))
-    print(f"dpok: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f} over "
-          f"{len(history)} iterations (KL {format_kl(history[-1]['kl'])}); LoRA weights and "
-          f"metrics in {args.out}")
+    if rank == 0:
+        plot_curves(history, os.path.join(args.out, "reward_curve.png"))
+        print(f"dpok: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f} "
+              f"over {len(history)} iterations (KL {format_kl(history[-1]['kl'])}); LoRA weights "
+              f"and metrics in {args.out}")
     return history
 
 
@@ -758,18 +766,14 @@ def plot_curves(history, path):
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 5))
-    axes = figure.subplots(2, 1, sharex=True)
-    for ax, key in zip(axes, ("reward_mean", "kl")):
+    for ax, key in zip(figure.subplots(2, 1, sharex=True), ("reward_mean", "kl")):
         ax.plot(*zip(*[(m["iteration"], m[key]) for m in history if m[key] is not None]))
-        ax.set(ylabel=key)
+        ax.set(xlabel="iteration", ylabel=key)
         ax.grid(alpha=0.3)
-    axes[-1].set(xlabel="iteration")
     figure.savefig(path, dpi=100, bbox_inches="tight")
 
 
 # ---- Evaluation: pretrained vs fine-tuned on the same seeds; the fine-tuned model's KL bound
-
-
 def kl_bound(pipe, transitions, cond, uncond, args):
     """Exact KL_t of each stored transition: two Gaussians with the same sigma_t, summed over
     latent dims. Summed over t it bounds KL(p_theta(x_0|z) || p_pre(x_0|z)) (paper's lemma)."""
@@ -818,9 +822,7 @@ def evaluate(args):
             grid.append(images)
         rows.append(row)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(dict(lora=args.lora, eval_samples=args.eval_samples, seed=args.seed,
-                       reward=args.reward, results=rows), f, indent=1)
-    from torchvision.utils import save_image
+        json.dump(dict(args=dataclasses.asdict(args), results=rows), f, indent=1)
     save_image(torch.cat(grid), os.path.join(args.out, "eval.png"), nrow=args.eval_samples)
     for r in rows:
         print(f"{r['prompt']}: reward {r['reward_pretrained']:.4f} +- {r['reward_pretrained_std']:.4f}"
@@ -832,8 +834,6 @@ def evaluate(args):
 
 
 # ---- Command line: parsing, every bad input as one line with exit code 2, main.
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other bad input (argparse adds the usage)
         raise UsageError(message)
@@ -859,14 +859,15 @@ NEEDS = {"supervised_samples": "supervised", "eval_samples": "eval"}
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    tiny_defaults = importlib.import_module("offline").TINY_DEFAULTS  # deviation 8
     for f in dataclasses.fields(Args):
-        tiny = f"; --tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
+        tiny = f"; --tiny: {tiny_defaults[f.name]}" if f.name in tiny_defaults else ""
         shown = f.default is not None and f.type is not bool
         default = f" (default {f.default}{tiny})" if shown else ""
         kind = dict(action="store_true") if f.type is bool else dict(type=f.type)
         parser.add_argument(flag(f.name), help=f.metadata["help"] + default, **kind)
     given = vars(parser.parse_args(argv))
-    args = Args(**{**(TINY_DEFAULTS if given.get("tiny") else {}), **given})
+    args = Args(**{**(tiny_defaults if given.get("tiny") else {}), **given})
     check_args(args, set(given))
     return args
 
@@ -901,9 +902,8 @@ def check_args(args, given):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             bad(f"{flag(name)} must be a finite number >= 0, got {value}")
-        if value == 0 and name not in ("guidance", "kl_beta"):  # alpha: only the KL, 0 at start
-            bad(f"{flag(name)} 0 leaves nothing to train (a ratio clamped to 1 has no gradient)"
-                if name == "ratio_clip" else f"{flag(name)} 0 leaves nothing to train")
+        if value == 0 and name not in ("guidance", "kl_beta"):  # ratio clip 0: no gradient
+            bad(f"{flag(name)} 0 leaves nothing to train")
     if not (math.isfinite(args.eta) and 0 < args.eta <= 1):
         bad(f"--eta must be in (0, 1], got {args.eta}: 0 makes DDIM deterministic (no step has a "
             "log-probability, DPOK needs eta > 0), above 1 its variance exceeds the step's")
@@ -920,12 +920,18 @@ def check_args(args, given):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         bad(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
+    if "LOCAL_RANK" in os.environ:  # torchrun: each process takes the GPU of its local rank
+        if args.eval:
+            bad("--eval runs in one process: start it with python, not torchrun")
+        if args.device not in ("cpu", "cuda"):
+            bad("under torchrun give --device cuda (each process uses its local rank's GPU) or cpu")
+        args.device = args.device.replace("cuda", f"cuda:{os.environ['LOCAL_RANK']}")
     gpu = None if args.device == "cpu" else (torch.device(args.device).index or 0)
     if gpu is not None and gpu >= torch.cuda.device_count():
         bad(f"--device {args.device} asked for, but this machine has {torch.cuda.device_count()} "
             "CUDA GPU(s); use --device cpu")
     if args.dtype is None:
-        args.dtype = "float32" if gpu is None else "bfloat16"
+        args.dtype = "float32" if gpu is None else "bfloat16"  # official: float16 (deviation 6)
     if args.dtype not in ("float32", "bfloat16", "float16"):
         bad(f"unknown --dtype {args.dtype!r}; use float32, bfloat16 or float16")
     if args.dtype == "float16" and gpu is None:
@@ -953,21 +959,22 @@ def read_prompts(args):
 
 
 def main(argv=None):
-    import diffusers
-    import transformers
-
     for library in (diffusers, transformers):  # our own one-line messages say what went wrong
         library.utils.logging.set_verbosity_error()
     # Outside the training loop (loading, data collection, eval) a signal stops at once.
     handlers = {sig: signal.signal(sig, stop_now) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = parse_args(argv)
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun: one process per GPU (CPU: gloo)
+            if args.device != "cpu":
+                torch.cuda.set_device(args.device)
+            dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
         evaluate(args) if args.eval else train(args)
-    except UsageError as e:
-        print(f"dpok: error: {e}", file=sys.stderr)
+    except UsageError as e:  # every rank decides alike; rank 0 says it
+        say(f"dpok: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
-        print(f"\ndpok: {e.args[0]}", file=sys.stderr)
+        say(f"\ndpok: {e.args[0]}", file=sys.stderr)
         return e.args[1]
     except RuntimeError as e:  # torch.OutOfMemoryError on a GPU, a plain RuntimeError on the CPU
         if not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
@@ -978,6 +985,8 @@ def main(argv=None):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -1,7 +1,8 @@
 """The offline world of dpok.py: pipelines and rewards that need no download.
 
 Not the algorithm (that is all in dpok.py, which imports this module only when it needs it):
-- `tiny_pipeline`: a random SD-shaped pipeline small enough to train on 2 CPU cores (`--tiny`);
+- `tiny_pipeline`: a random SD-shaped pipeline small enough to train on 2 CPU cores (`--tiny`),
+  and `TINY_DEFAULTS`, the hyperparameters `--tiny` trains it with;
 - `sd15_pipeline`: a random pipeline with Stable Diffusion v1.5's exact architecture, tokenizer
   and scheduler config, to run the real `--model PATH` code path without the weights (tests on
   CPU at a small latent size; speed and memory at 64x64 latents on a GPU);
@@ -15,6 +16,16 @@ import os
 import tempfile
 
 import torch
+
+# Defaults of dpok.py --tiny, calibrated on 2 CPU cores (README "Deviations" 8): a random model
+# learns only at far larger learning rates, where the official 1e-4 ratio clip would clamp most
+# transitions; alpha is scaled to the colour reward's spread.
+TINY_DEFAULTS = dict(
+    reward="color", steps=10, guidance=3.0, samples_per_iter=8, buffer_size=160,
+    policy_steps=2, grad_accum=2, batch_size=16, lr=3e-3, ratio_clip=0.2, reward_alpha=500.0,
+    value_steps=10, value_batch_size=128, value_lr=1e-2, iterations=100, save_every=25,
+    supervised_samples=800, eval_samples=32,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Pipelines

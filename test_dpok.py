@@ -838,3 +838,133 @@ def test_sd15_architecture_evaluates_a_saved_lora(sd15, tmp_path):
                       "2", "--out", str(tmp_path / "eval")]) == 0
     result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
     assert result["kl_bound"] > 0 and (tmp_path / "eval" / "eval.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun; gloo on CPU): one update is one process's update on the union of
+# all ranks' transitions; outputs, resume and stops behave as in one process.
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_two_ranks(rank, port):
+    """What torchrun gives each process: its rank and the rendezvous, in the environment."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def policy_update_on_rank(rank, port, out):
+    join_two_ranks(rank, port)
+    torch.distributed.init_process_group("gloo")
+    args = tiny_args("--kl-beta", "0.5", out="unused")
+    run = dpok.setup(args, [PROMPT])
+    batch = fake_batch(run.pipe, run.cond, run.uncond, args, 24, seed=10 + rank)  # its own batch
+    stats = dpok.update(run, batch, lambda m: dpok.policy_loss(
+        run.pipe.unet, run.pipe.scheduler, m, run.cond, run.uncond, args), args)
+    torch.save(dict(batch=batch, stats=stats, grads=lora_grads(run.params),
+                    lora=[p.detach().clone() for p in run.params]), os.path.join(out, f"{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_take_one_process_update_on_the_union_of_their_batches(tmp_path):
+    torch.multiprocessing.spawn(policy_update_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
+    args = tiny_args("--kl-beta", "0.5", out="unused")
+
+    def one_process(batch):  # a fresh run: the same seed gives the ranks' LoRA initialisation
+        run = dpok.setup(args, [PROMPT])
+        run.pipe.scheduler.set_timesteps(args.steps)  # as the ranks' rollouts left it
+        stats = dpok.update(run, batch, lambda m: dpok.policy_loss(
+            run.pipe.unet, run.pipe.scheduler, m, run.cond, run.uncond, args), args)
+        return stats, lora_grads(run.params)
+
+    union = {k: torch.cat([r["batch"][k] for r in ranks]) for k in ranks[0]["batch"]}
+    stats, grads = one_process(union)
+    for r in ranks:  # both ranks hold the union's gradient (clipped), to float32 summation order
+        assert r["stats"]["grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-5)
+        for ours, expected in zip(r["grads"], grads):
+            torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+    for a, b in zip(ranks[0]["lora"], ranks[1]["lora"]):  # and took the same step
+        assert torch.equal(a, b)
+    # The check has power: one rank's own gradient (no averaging) is far from the union's.
+    alone, _ = one_process(ranks[0]["batch"])
+    assert abs(alone["grad_norm"] / stats["grad_norm"] - 1) > 0.05
+
+
+def torchrun(*argv):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "dpok.py", *SHORT, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__))
+
+
+def test_two_rank_run_learns_and_writes_one_metrics_row_per_iteration(tmp_path):
+    out = tmp_path / "run"
+    summary, err = torchrun("--iterations", "40", "--out", str(out)).communicate(timeout=300)
+    rows = numbers(out / "metrics.jsonl")
+    assert [m["iteration"] for m in rows] == list(range(40)), err
+    first, last = (sum(m["reward_mean"] for m in part) / len(part) for part in (rows[:3], rows[-10:]))
+    assert last > first + 0.01, (first, last)
+    assert summary.count("dpok: reward") == 1  # rank 0 alone prints
+    assert err.count("dpok: tiny random pipeline on cpu (float32, 2 processes)") == 1
+
+
+def test_two_rank_resume_equals_straight_run_and_needs_the_same_number_of_ranks(tmp_path, capsys):
+    for argv in (["--iterations", "6", "--out", str(tmp_path / "a")],
+                 ["--iterations", "3", "--out", str(tmp_path / "b")],
+                 ["--iterations", "6", "--out", str(tmp_path / "b"), "--resume"]):
+        proc = torchrun(*argv)
+        assert proc.communicate(timeout=120) and proc.returncode == 0
+    assert numbers(tmp_path / "a" / "metrics.jsonl") == numbers(tmp_path / "b" / "metrics.jsonl")
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
+    assert len(a["ranks"]) == 2
+    for name in a["lora"]:
+        assert torch.equal(a["lora"][name], b["lora"][name]), name
+    assert dpok.main([*SHORT, "--iterations", "9", "--out", str(tmp_path / "b"), "--resume"]) == 2
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+def test_sigint_to_torchrun_saves_once_and_stops_every_rank(tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun("--iterations", "1000", "--save-every", "1000", "--out", str(out))
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(open(out / "metrics.jsonl").readlines()) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # torchrun passes it on to every rank
+    _, err = proc.communicate(timeout=60)  # torchrun waits up to 30 s for the ranks, then kills
+    assert err.count("dpok: SIGINT: saved iteration") == 1, err
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved["iteration"] == len(numbers(out / "metrics.jsonl")) >= 2
+    assert proc.returncode == 1  # torchrun's own code after a signal; the ranks exited 130
+
+
+def poisoned_rank(rank, port, out):
+    """Rank 1's reward turns nan at its 3rd call: every rank must stop, with exit code 1."""
+    join_two_ranks(rank, port)
+    calls = []
+
+    def poisoned(device):
+        def reward(images, prompts):
+            calls.append(1)
+            r = offline.color_reward(images, prompts)
+            return r * float("nan") if rank == 1 and len(calls) == 3 else r
+        return reward
+
+    dpok.REWARDS["color"] = poisoned
+    sys.stderr = open(os.path.join(out, f"err{rank}"), "w")
+    code = dpok.main([*SHORT, "--iterations", "10", "--out", os.path.join(out, "run")])
+    open(os.path.join(out, f"code{rank}"), "w").write(str(code))
+
+
+def test_non_finite_reward_on_one_rank_stops_every_rank_with_exit_1(tmp_path):
+    torch.multiprocessing.spawn(poisoned_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"code{r}").read_text() for r in range(2)] == ["1", "1"]
+    assert "non-finite reward (nan) at iteration 2" in (tmp_path / "err0").read_text()
+    assert "non-finite" not in (tmp_path / "err1").read_text()  # said once, by rank 0
+    assert len(numbers(tmp_path / "run" / "metrics.jsonl")) == 2  # nothing of the bad iteration
