@@ -768,8 +768,9 @@ def plot_curves(history, path):
     figure = Figure(figsize=(6, 5))
     for ax, key in zip(figure.subplots(2, 1, sharex=True), ("reward_mean", "kl")):
         ax.plot(*zip(*[(m["iteration"], m[key]) for m in history if m[key] is not None]))
-        ax.set(xlabel="iteration", ylabel=key)
+        ax.set(ylabel=key)
         ax.grid(alpha=0.3)
+    figure.supxlabel("iteration")
     figure.savefig(path, dpi=100, bbox_inches="tight")
 
 
