@@ -897,6 +897,25 @@ def test_two_ranks_take_one_process_update_on_the_union_of_their_batches(tmp_pat
     assert abs(alone["grad_norm"] / stats["grad_norm"] - 1) > 0.05
 
 
+def prompts_on_rank(rank, port, out):
+    join_two_ranks(rank, port)
+    torch.distributed.init_process_group("gloo")
+    run = SimpleNamespace(prompts=list("abcdefg"), prompt_queue=[], cond=torch.zeros(1),
+                          generator=torch.Generator().manual_seed(rank))  # seeded per rank
+    torch.save([dpok.next_prompts(run, 3).tolist() for _ in range(2)], os.path.join(out, f"{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_take_distinct_prompts_of_one_shuffled_pass(tmp_path):
+    torch.multiprocessing.spawn(prompts_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    first = ranks[0][0] + ranks[1][0]  # iteration 1: 6 of the 7 prompts, none twice
+    assert len(set(first)) == 6
+    # iteration 2: the last prompt of the pass, then a new pass, again distinct across ranks
+    second = ranks[0][1] + ranks[1][1]
+    assert len(set(second)) == 6 and second[0] == (set(range(7)) - set(first)).pop()
+
+
 def torchrun(*argv):
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                              "dpok.py", *SHORT, *argv], stdout=subprocess.PIPE,
