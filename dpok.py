@@ -533,7 +533,8 @@ def collect_supervised_data(run, args):
     index = torch.arange(len(run.prompts)).repeat_interleave(args.supervised_samples)
     latents, scores = [], []
     with pretrained_model(run.pipe.unet):
-        for chunk in tqdm(index.split(args.samples_per_iter), desc="sampling data", leave=False):
+        for chunk in tqdm(index.split(args.samples_per_iter), desc="sampling data", leave=False,
+                          disable=world()[0] > 0):  # rank 0's bar only
             chunk = chunk.to(run.cond.device)
             transitions, images = rollout(run.pipe, run.cond, run.uncond, chunk, args, run.generator)
             latents.append(transitions["next_latents"].unflatten(0, (len(chunk), -1))[:, -1])  # x_0

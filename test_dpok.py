@@ -987,3 +987,15 @@ def test_non_finite_reward_on_one_rank_stops_every_rank_with_exit_1(tmp_path):
     assert "non-finite reward (nan) at iteration 2" in (tmp_path / "err0").read_text()
     assert "non-finite" not in (tmp_path / "err1").read_text()  # said once, by rank 0
     assert len(numbers(tmp_path / "run" / "metrics.jsonl")) == 2  # nothing of the bad iteration
+
+
+def test_supervised_runs_under_torchrun_and_eval_refuses_it(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    proc = torchrun("--supervised", "--supervised-samples", "8", "--iterations", "2", "--out", str(out))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "supervised data: 16 images" in err  # 8 per rank, normalised over both ranks' rewards
+    assert len(numbers(out / "metrics.jsonl")) == 2
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what torchrun sets
+    assert dpok.main([*SHORT[:3], "--eval", "--lora", str(out), "--out", str(tmp_path / "e")]) == 2
+    assert "--eval runs in one process" in capsys.readouterr().err
