@@ -439,9 +439,10 @@ def score(run, images, prompt_index):
     """r(x_0, z) of this rank's images and of all ranks'; a non-finite one stops every rank."""
     with torch.no_grad():
         rewards = run.reward_fn(images, [run.prompts[i] for i in prompt_index]).float()
-    everyone = all_gather(rewards.to(run.cond.device))
+    rewards = rewards.to(run.cond.device)
+    everyone = all_gather(rewards)
     check_finite("reward", everyone.sum().item())
-    return rewards.to(run.cond.device), everyone
+    return rewards, everyone
 
 
 def sample_batch(buffer, size, generator):
