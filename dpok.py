@@ -368,7 +368,7 @@ def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def say(message, **kwargs):  # rank 0 alone prints
+def say(message, **kwargs):  # rank 0 alone prints; RANK is set before the process group is
     if os.environ.get("RANK", "0") == "0":
         print(message, **kwargs)
 
