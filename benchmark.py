@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     options = parser.parse_args()
-    prompt = "a green colored rabbit"
+    prompt = "A green colored rabbit" if options.sd15 else "three green squares"
     world = ["--reward", "compressibility"] if options.sd15 else ["--tiny"]
     args = dpok.parse_args([*world, "--prompt", prompt, "--device", options.device])
     if options.sd15:

@@ -1,12 +1,15 @@
-"""The offline world of dpok.py: pipelines and rewards that need no download.
+"""The worlds of dpok.py that need no download; the algorithm is all in dpok.py.
 
-Not the algorithm (that is all in dpok.py, which imports this module only when it needs it):
-- `tiny_pipeline`: a random SD-shaped pipeline small enough to train on 2 CPU cores (`--tiny`),
-  and `TINY_DEFAULTS`, the hyperparameters `--tiny` trains it with;
+- The shapes world (`--tiny`): captions like "two red circles" and 32 px images of coloured
+  shapes made in code; `pretrain` trains a tiny text-to-image model of Stable Diffusion's own
+  component types on them from scratch (`python offline.py` remakes the shipped `tiny-shapes/`
+  folder, about 8 minutes on 2 CPU cores); `shapes_reward` judges prompt alignment with an
+  analyser that needs no weights, and `clean_fraction` is its fidelity measure. `TINY_DEFAULTS`
+  are the hyperparameters `--tiny` trains with.
 - `sd15_pipeline`: a random pipeline with Stable Diffusion v1.5's exact architecture, tokenizer
   and scheduler config, to run the real `--model PATH` code path without the weights (tests on
-  CPU at a small latent size; speed and memory at 64x64 latents on a GPU);
-- `color_reward`, `compressibility_reward`: rewards that need no weights.
+  CPU at a small latent size; speed and memory at 64x64 latents on a GPU).
+- `compressibility_reward`: DDPO's weight-free reward, for any model.
 """
 
 import gzip
@@ -16,15 +19,16 @@ import os
 import tempfile
 
 import torch
+import torch.nn.functional as F
 
-# Defaults of dpok.py --tiny, calibrated on 2 CPU cores (README "Deviations" 8): a random model
-# learns only at far larger learning rates, where the official 1e-4 ratio clip would clamp most
-# transitions; alpha is scaled to the colour reward's spread.
+# Defaults of dpok.py --tiny, calibrated on 2 CPU cores (README "Deviations" 8): the shipped
+# model of the shapes world, its reward, and a small model's far larger learning rate.
 TINY_DEFAULTS = dict(
-    reward="color", steps=10, guidance=3.0, samples_per_iter=8, buffer_size=160,
-    policy_steps=2, grad_accum=2, batch_size=16, lr=3e-3, ratio_clip=0.2, reward_alpha=500.0,
-    value_steps=10, value_batch_size=128, value_lr=1e-2, iterations=100, save_every=25,
-    supervised_samples=800, eval_samples=32,
+    model=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-shapes"),
+    reward="shapes", steps=20, guidance=4.0, samples_per_iter=16, buffer_size=640,
+    policy_steps=2, grad_accum=2, batch_size=32, lr=3e-4, ratio_clip=0.2, reward_alpha=10.0,
+    value_steps=10, value_batch_size=128, value_lr=1e-3, iterations=150, save_every=25,
+    supervised_samples=1600, eval_samples=64,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -68,34 +72,6 @@ def sd_pipeline(text_encoder, tokenizer, unet, vae, scheduler):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def tiny_pipeline(seed=0):
-    """A random SD-shaped pipeline built in code: 8x8x4 latents, 64 px images, no download.
-
-    GroupNorm with one group (SD: 32) in the UNet and the VAE: with one group per channel, a
-    random model normalises away every per-channel shift, so colour can barely be learned
-    (measured: the mean reward did not move in 60 iterations; with one group it triples).
-    The tokenizer has no merges: one token per character, so every prompt tokenises.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    tokenizer = clip_tokenizer([], max_length=77)  # SD's context length
-    text_encoder = clip_text_model(tokenizer, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
-        norm_num_groups=1)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32), norm_num_groups=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    # SD v1.5's scheduler: scaled-linear betas, steps_offset 1, final alpha = alphas_cumprod[0].
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return sd_pipeline(text_encoder, tokenizer, unet, vae, scheduler)
-
-
 def sd15_pipeline(sample_size=64, seed=0):
     """Stable Diffusion v1.5's exact architecture with random weights (no download).
 
@@ -130,34 +106,7 @@ def sd15_pipeline(sample_size=64, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Rewards that need no weights. Each takes images (B, 3, H, W) in [0, 1] and B prompts.
-
-COLOURS = {  # colour word -> RGB channels that should dominate
-    "red": [0], "green": [1], "blue": [2], "yellow": [0, 1], "cyan": [1, 2], "magenta": [0, 2],
-    "purple": [0, 2], "pink": [0, 2],
-}
-
-
-def prompt_colour(prompt):
-    """The first colour word of the prompt; ValueError if it has none."""
-    words = [w.strip(".,;:!?\"'") for w in prompt.lower().split()]
-    found = [w for w in words if w in COLOURS]
-    if not found:
-        raise ValueError(f"--reward color needs a colour word ({', '.join(COLOURS)}) in "
-                         f"every prompt; none in {prompt!r}")
-    return found[0]
-
-
-def color_reward(images, prompts):
-    """Mean over pixels of (colour channels) - (other channels), in [-1, 1]:
-    "a green colored rabbit" -> mean of G - (R + B) / 2."""
-    rewards = []
-    for image, prompt in zip(images, prompts):
-        plus = torch.zeros(3, dtype=torch.bool)
-        plus[COLOURS[prompt_colour(prompt)]] = True
-        rewards.append(image[plus].mean() - image[~plus].mean())
-    return torch.stack(rewards).float().cpu()
-
+# A reward any model can use. Rewards take images (B, 3, H, W) in [0, 1] and B prompts.
 
 def compressibility_reward(images, prompts):
     """DDPO's JPEG compressibility: minus the file size in kB at quality 95."""
@@ -169,3 +118,313 @@ def compressibility_reward(images, prompts):
         to_pil_image(image.float().cpu()).save(buffer, format="JPEG", quality=95)
         sizes.append(-buffer.tell() / 1000)
     return torch.tensor(sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shapes world: a tiny text-to-image model pretrained here, and the reward that judges it.
+# Captions "two red circles"; 32 px images of 1-3 identical shapes of one colour on black.
+
+NUMBERS = {"one": 1, "two": 2, "three": 3}
+PALETTE = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
+           "yellow": (1.0, 1.0, 0.0)}
+SHAPES = ("circle", "square", "triangle")
+CAPTIONS = [f"{number} {colour} {shape}{'s' if n > 1 else ''}" for number, n in NUMBERS.items()
+            for colour in PALETTE for shape in SHAPES]
+# Never seen by the text-to-image model in pretraining (the VAE sees every image): the analogue
+# of the paper's unusual prompts such as "A green colored rabbit".
+HELD_OUT = ["one green triangle", "two green triangles", "three green triangles",
+            "three blue circles", "two yellow squares"]
+SIZE, MIN_SIDE, MAX_SIDE, GAP = 32, 8, 12, 2  # image, shape sides in pixels, gap between shapes
+
+
+def parse_caption(prompt):
+    """(count, colour, shape) of a caption like "Two red circles."; ValueError otherwise."""
+    words = prompt.lower().strip(" .!").split()
+    if (len(words) != 3 or words[0] not in NUMBERS or words[1] not in PALETTE
+            or words[2].removesuffix("s") not in SHAPES):
+        raise ValueError(f"--reward shapes needs captions like 'two red circles' (one|two|three, "
+                         f"{'|'.join(PALETTE)}, {'|'.join(SHAPES)}); got {prompt!r}")
+    return NUMBERS[words[0]], words[1], words[2].removesuffix("s")
+
+
+def shape_mask(shape, side):
+    """A side x side boolean mask: a disc, a full square, or an upward isosceles triangle."""
+    y, x = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+    if shape == "circle":
+        return (x - side / 2) ** 2 + (y - side / 2) ** 2 <= (side / 2) ** 2
+    if shape == "square":
+        return torch.ones(side, side, dtype=torch.bool)
+    return (x - side / 2).abs() <= (y + 0.5) / 2  # apex at the top middle, base the full bottom row
+
+
+def render(caption, generator):
+    """A clean image (3, 32, 32) in [0, 1] of the caption: shapes of random sides placed at
+    random, GAP pixels apart (rejection sampling)."""
+    count, colour, shape = parse_caption(caption)
+    image = torch.zeros(3, SIZE, SIZE)
+    taken = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    placed = 0
+    while placed < count:
+        side = int(torch.randint(MIN_SIDE, MAX_SIDE + 1, (1,), generator=generator))
+        top, left = torch.randint(0, SIZE - side + 1, (2,), generator=generator).tolist()
+        box = (slice(max(top - GAP, 0), top + side + GAP), slice(max(left - GAP, 0), left + side + GAP))
+        if taken[box].any():
+            continue
+        taken[top:top + side, left:left + side] = True
+        mask = shape_mask(shape, side)
+        for channel, value in enumerate(PALETTE[colour]):
+            image[channel, top:top + side, left:left + side][mask] = value
+        placed += 1
+    return image
+
+
+def palette_labels(images):
+    """Per pixel of (B, 3, H, W) in [0, 1]: 0 for the background, i + 1 for the i-th palette colour,
+    -1 for a pixel further than 0.5 (128 of 255 levels) from all of them."""
+    references = torch.tensor([(0.0, 0.0, 0.0), *PALETTE.values()])
+    distance, label = torch.cdist(images.float().cpu().permute(0, 2, 3, 1).flatten(1, 2),
+                                  references[None]).min(-1)
+    label[distance > 0.5] = -1
+    return label.view(images.shape[0], *images.shape[2:])
+
+
+def objects(mask, min_area):
+    """Per image of (B, H, W) booleans, its 8-connected components of at least min_area pixels,
+    each cropped to its bounding box (component labels spread by max-pooling)."""
+    h, w = mask.shape[1:]
+    labels = torch.arange(1.0, h * w + 1).view(1, h, w) * mask
+    while True:
+        spread = F.max_pool2d(labels[:, None], 3, 1, 1)[:, 0] * mask
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    found = []
+    for image in labels:
+        found.append([])
+        for i in image.unique()[1:] if image.any() else []:
+            rows, cols = (image == i).nonzero(as_tuple=True)
+            if len(rows) >= min_area:
+                found[-1].append(image[rows.min():rows.max() + 1, cols.min():cols.max() + 1] == i)
+    return found
+
+
+def ramp(x, low, high):  # 0 below low, 1 above high, linear between
+    return min(max((x - low) / (high - low), 0.0), 1.0)
+
+
+def shape_score(crop, shape):
+    """How much an object (its mask cropped to its box) looks like `shape`, in [0, 1], soft at
+    the boundaries. A triangle fills little of its box (clean renders 0.58-0.63; the pretrained
+    model's triangles 0.45-0.60, its circles 0.70-0.88). A square has pixels outside the ellipse
+    inscribed in its box (clean: 19-22 % of them; the model's squares 9-19 %, circles 0-11 %,
+    5th to 95th percentiles). Times squareness: every shape has a square box, merged ones not."""
+    fill = crop.float().mean().item()
+    h, w = crop.shape
+    y, x = torch.meshgrid((torch.arange(h) + 0.5) / h - 0.5, (torch.arange(w) + 0.5) / w - 0.5,
+                          indexing="ij")
+    outside = (crop & (x**2 + y**2 > 0.25)).sum().item() / crop.sum().item()
+    triangle = 1 - ramp(fill, 0.64, 0.70)
+    square = (1 - triangle) * ramp(outside, 0.06, 0.10)
+    membership = dict(triangle=triangle, square=square, circle=1 - triangle - square)[shape]
+    return membership * min(h, w) / max(h, w)
+
+
+def clean_fraction(images):
+    """Fidelity in the shapes world (the analogue of the paper's aesthetic score): the fraction
+    of pixels within 0.25 (64 of 255 levels) of the background or a palette colour."""
+    references = torch.tensor([(0.0, 0.0, 0.0), *PALETTE.values()])
+    pixels = images.float().cpu().permute(0, 2, 3, 1).flatten(1, 2)
+    return (torch.cdist(pixels, references[None]).min(-1)[0] < 0.25).float().mean(1)
+
+
+def analyse(images, prompts):
+    """The analyser's scores of each image against its caption, each in [0, 1]: colour (the share
+    of non-background pixels in the caption's colour), count (1 - |error| / 2 averaged over the
+    objects found as is and after a 1-pixel erosion, which separates shapes joined by a thin
+    neck: partial credit for nearly separated shapes), shape (mean shape_score of the objects),
+    exact (all three right), clean (fidelity: pixels within 0.25 of background or a palette
+    colour)."""
+    labels = palette_labels(images)
+    names = ["background", *PALETTE]
+    scores = []
+    for i, prompt in enumerate(prompts):
+        count, colour, shape = parse_caption(prompt)
+        mask = labels[i:i + 1] == names.index(colour)
+        found = objects(mask, 8)[0]
+        eroded = objects(-F.max_pool2d(-mask[:, None].float(), 3, 1, 1)[:, 0] > 0, 3)[0]
+        error = (abs(len(found) - count) + abs(len(eroded) - count)) / 2
+        foreground = (labels[i] != 0).sum().item()
+        shapes = [shape_score(crop, shape) for crop in found]
+        scores.append(dict(
+            colour=mask.sum().item() / max(foreground, 1), count=1 - min(error, 2) / 2,
+            shape=sum(shapes) / len(shapes) if shapes else 0.0))
+        scores[-1]["exact"] = float(scores[-1]["colour"] > 0.9 and len(found) == count
+                                    and all(s > 0.5 for s in shapes))
+    for s, clean in zip(scores, clean_fraction(images).tolist()):
+        s["clean"] = clean
+    return scores
+
+
+# Alignment's mean and standard deviation over the shipped model's own samples (DDIM 20 steps,
+# guidance 4, 32 seeds of each of the 36 captions): fixed constants, so that the reward is
+# standardised the way ImageReward's is, not per batch.
+ALIGNMENT_MEAN, ALIGNMENT_STD = 0.815, 0.197
+
+
+def shapes_reward(images, prompts):
+    """Prompt alignment judged by the analyser, dense (graded count and shape errors, partial
+    credit for nearly separated shapes): the mean of its colour, count and shape scores,
+    standardised by fixed constants."""
+    scores = analyse(images, prompts)
+    alignment = torch.tensor([(s["colour"] + s["count"] + s["shape"]) / 3 for s in scores])
+    return (alignment - ALIGNMENT_MEAN) / ALIGNMENT_STD
+
+
+def shapes_tokenizer():
+    """A CLIPTokenizer in which every caption word is one token: start from no merges, and while a
+    word splits, merge its first two pieces (BPE applies merges in order, so this converges)."""
+    words, merges = sorted({w for c in CAPTIONS for w in c.split()}), []
+    while True:
+        tokenizer = clip_tokenizer(merges, max_length=8)  # "three green triangles." is 6 tokens
+        split = [pieces for pieces in map(tokenizer.tokenize, words) if len(pieces) > 1]
+        if not split:
+            return tokenizer
+        merges += list(dict.fromkeys((pieces[0], pieces[1]) for pieces in split))
+
+
+def shapes_pipeline(seed=0):
+    """Stable Diffusion's component types at a tiny size, random: 32 px images, 8x8x4 latents
+    (a VAE that downsamples 4x, not 8x), a 1.5 M-weight UNet, a 2-layer text encoder of width 64,
+    and SD v1.5's DDIM schedule."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer = shapes_tokenizer()
+    text_encoder = clip_text_model(tokenizer, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        cross_attention_dim=64, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
+        sample_size=SIZE, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return sd_pipeline(text_encoder, tokenizer, unet, vae, scheduler)
+
+
+def pretrain(out, vae_steps=600, unet_steps=1200, seed=0, device="cpu", data=16384):
+    """Pretrain the shapes world from scratch and save it as a diffusers pipeline folder in half
+    precision. Deterministic for a seed and step counts on one machine; about 8 minutes on 2 CPU
+    cores. The VAE first (MSE + 1e-6 KL, every caption), then the UNet and the text encoder
+    together on the VAE's latents of the captions not held out (epsilon prediction, 10% empty
+    captions for classifier-free guidance), kept as an exponential moving average."""
+    from tqdm import tqdm
+
+    pipe = shapes_pipeline(seed).to(device)
+    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch(captions, n):  # n random captions of the list and a fresh render of each
+        chosen = [captions[i] for i in torch.randint(len(captions), (n,), generator=generator)]
+        return torch.stack([render(c, generator) for c in chosen]).to(device), chosen
+
+    def optimize(params, steps):  # AdamW 1e-3, 100 warm-up steps, linear decay to 1e-4
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min((step + 1) / 100, 1 - 0.9 * step / steps))
+
+        def step(loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            schedule.step()
+        return step
+
+    log = dict(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, held_out=HELD_OUT)
+    step = optimize(list(vae.parameters()), vae_steps)
+    for _ in (bar := tqdm(range(vae_steps), desc="pretrain VAE")):
+        images = batch(CAPTIONS, 64)[0] * 2 - 1
+        posterior = vae.encode(images).latent_dist
+        mse = F.mse_loss(vae.decode(posterior.sample(generator)).sample, images)
+        step(mse + 1e-6 * posterior.kl().mean())
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+        log.setdefault("vae_mse", []).append(mse.item())
+
+    # A fixed data set of latents; scaled to unit variance as SD scales its own (0.18215).
+    seen = [c for c in CAPTIONS if c not in HELD_OUT]
+    with torch.no_grad():
+        images, captions = batch(seen, data)
+        latents = torch.cat([vae.encode(x * 2 - 1).latent_dist.mean for x in images.split(256)])
+    vae.register_to_config(scaling_factor=1 / latents.std().item())
+    latents = latents * vae.config.scaling_factor
+    ids = tokenizer(captions + [""], padding="max_length", return_tensors="pt").input_ids
+
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    average = [p.detach().clone() for p in params]  # EMA, decay warming up to 0.999
+    step = optimize(params, unet_steps)
+    unet.train(), text_encoder.train()
+    for i in (bar := tqdm(range(unet_steps), desc="pretrain UNet + text encoder")):
+        j = torch.randint(len(latents), (128,), generator=generator)
+        caption_ids = torch.where(torch.rand(128, 1, generator=generator) < 0.1, ids[-1], ids[j])
+        noise = torch.randn(latents[j].shape, generator=generator).to(device)
+        t = torch.randint(pipe.scheduler.config.num_train_timesteps, (128,), generator=generator)
+        j, caption_ids, t = j.to(device), caption_ids.to(device), t.to(device)
+        noisy = pipe.scheduler.add_noise(latents[j], noise, t)
+        prediction = unet(noisy, t, text_encoder(caption_ids).last_hidden_state).sample
+        loss = F.mse_loss(prediction, noise)
+        step(loss)
+        with torch.no_grad():
+            torch._foreach_lerp_(average, params, 1 - min(0.999, (1 + i) / (10 + i)))
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.setdefault("unet_loss", []).append(loss.item())
+    with torch.no_grad():
+        for p, a in zip(params, average):
+            p.copy_(a)
+    pipe.to(torch.float16).save_pretrained(out)
+    with open(os.path.join(out, "pretraining.json"), "w") as f:
+        json.dump(log, f)
+    return log
+
+
+def breakdown(folder):
+    """The analyser's scores, averaged, of the pretrained and fine-tuned rows of an --eval of the
+    shapes world (`python offline.py --breakdown FOLDER` reads FOLDER/eval.json and eval.png)."""
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    with open(os.path.join(folder, "eval.json")) as f:
+        results, n = (lambda e: (e["results"], e["args"]["eval_samples"]))(json.load(f))
+    grid = to_tensor(Image.open(os.path.join(folder, "eval.png")).convert("RGB"))
+    table = {}
+    for p, row in enumerate(results):  # save_image's grid: tiles of SIZE with 2-pixel padding
+        for k, name in enumerate(("pretrained", "finetuned")):
+            top = 2 + (2 * p + k) * (SIZE + 2)
+            tiles = torch.stack([grid[:, top:top + SIZE, 2 + i * (SIZE + 2):2 + i * (SIZE + 2) + SIZE]
+                                 for i in range(n)])
+            scores = analyse(tiles, [row["prompt"]] * n)
+            table[row["prompt"], name] = {key: sum(s[key] for s in scores) / n for key in scores[0]}
+            print(f"{row['prompt']:24} {name:10}",
+                  " ".join(f"{key} {v:.3f}" for key, v in table[row["prompt"], name].items()))
+    return table
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Pretrain the shapes world (the model of --tiny)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "tiny-shapes"))
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--unet-steps", type=int, default=1200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--breakdown", metavar="FOLDER", help="analyse an --eval's eval.png instead")
+    args = parser.parse_args()
+    if args.breakdown:
+        breakdown(args.breakdown)
+    else:
+        pretrain(args.out, args.vae_steps, args.unet_steps, args.seed, args.device)

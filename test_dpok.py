@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 import dpok
 import offline
 
-PROMPT = "a green colored rabbit"
+PROMPT = "three green squares"  # the README's: a count the pretrained shapes model fumbles
 
 
 def sd_scheduler(steps=10, **overrides):
@@ -32,8 +32,11 @@ def sd_scheduler(steps=10, **overrides):
     return scheduler
 
 
+FAST = ["--steps", "10", "--samples-per-iter", "8"]  # the tiny world at half the cost, for tests
+
+
 def tiny_args(*extra, out):
-    return dpok.parse_args(["--tiny", "--prompt", PROMPT, "--out", str(out), *extra])
+    return dpok.parse_args(["--tiny", "--prompt", PROMPT, "--out", str(out), *FAST, *extra])
 
 
 def hub_offline(monkeypatch):
@@ -375,12 +378,85 @@ def test_prompts_are_shuffled_passes_distinct_within_an_iteration():
 # Rewards
 
 
-def test_color_reward_prefers_the_prompt_colour():
-    green, red = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
-    green[:, 1], red[:, 0] = 1.0, 1.0
-    assert offline.color_reward(green, [PROMPT]).item() == pytest.approx(1.0)
-    assert offline.color_reward(red, [PROMPT]).item() == pytest.approx(-0.5)
-    assert offline.color_reward(red, ["A red car."]).item() == pytest.approx(1.0)
+def test_analyser_is_right_on_clean_renders_of_every_caption():
+    generator = torch.Generator().manual_seed(0)
+    captions = offline.CAPTIONS * 10
+    images = torch.stack([offline.render(c, generator) for c in captions])
+    for scores in offline.analyse(images, captions):
+        assert scores == dict(colour=1.0, count=1.0, shape=1.0, exact=1.0, clean=1.0)
+    reward = offline.shapes_reward(images[:2], captions[:2])  # standardised by fixed constants
+    torch.testing.assert_close(reward, torch.full((2,), (1 - offline.ALIGNMENT_MEAN)
+                                                  / offline.ALIGNMENT_STD))
+
+
+def squares(*columns, colour=1, neck=False):
+    """Green (channel 1) 10-pixel squares at rows 4-13 starting at the given columns; `neck`
+    joins the first two with a one-pixel bridge."""
+    image = torch.zeros(1, 3, 32, 32)
+    for left in columns:
+        image[0, colour, 4:14, left:left + 10] = 1.0
+    if neck:
+        image[0, colour, 8, columns[0] + 10:columns[1]] = 1.0
+    return image
+
+
+def test_count_is_graded_from_merged_to_nearly_separated_to_separate():
+    """Touching shapes are the pretrained model's typical error: a thin neck earns partial credit
+    (it is gone after a 1-pixel erosion), so RL has a gradient towards separating them."""
+    count = lambda image: offline.analyse(image, ["two green squares"])[0]["count"]
+    separate, necked, merged = squares(2, 16), squares(2, 16, neck=True), squares(2, 12)
+    assert count(separate) == 1.0 and count(necked) == 0.75 and count(merged) == 0.5
+
+
+def test_specks_wrong_colours_and_empty_images_do_not_pass_as_shapes():
+    image = squares(10)
+    image[0, 1, 20:22, 2:4] = image[0, 1, 25:27, 20:22] = 1.0  # green specks of 4 pixels
+    assert offline.analyse(image, ["one green square"])[0]["count"] == 1.0
+    red = offline.analyse(squares(2, 16, colour=0), ["two green squares"])[0]
+    assert red["colour"] == 0 and red["count"] == 0 and red["shape"] == 0
+    empty = offline.analyse(torch.zeros(1, 3, 32, 32), ["two green squares"])[0]
+    assert empty["count"] == 0 and empty["clean"] == 1.0  # clean, but not aligned
+    circle = offline.render("one green circle", torch.Generator().manual_seed(0))[None]
+    assert offline.analyse(circle, ["one green square"])[0]["shape"] == 0
+
+
+def test_every_caption_word_is_one_token_of_the_shipped_tokenizer(tiny):
+    tokenizer = tiny[0].tokenizer
+    for word in {w for c in offline.CAPTIONS for w in c.split()}:
+        assert len(tokenizer.tokenize(word)) == 1, word
+
+
+def test_shipped_model_draws_the_captions_colours_cleanly(tiny):
+    """The pretrained shapes world still behaves (measured over all 36 captions x 32 seeds:
+    colour 0.95, count 0.80, shape 0.70, exact 0.47, clean 0.96)."""
+    pipe, _, _, _, args = tiny
+    captions = ["one red circle", "two blue triangles", "three yellow squares", "two green circles"]
+    cond, uncond, _ = dpok.encode_prompts(pipe, captions)
+    args = dataclasses.replace(args, steps=20)
+    index = torch.arange(4).repeat_interleave(8)
+    with dpok.pretrained_model(pipe.unet):
+        _, images = dpok.rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(0))
+    scores = offline.analyse(images, [captions[i] for i in index])
+    assert sum(s["colour"] for s in scores) / 32 > 0.85
+    assert sum(s["clean"] for s in scores) / 32 > 0.9
+    assert sum(s["count"] for s in scores) / 32 > 0.6
+
+
+def test_pretraining_losses_fall_and_it_saves_a_loadable_half_precision_pipeline(tmp_path):
+    log = offline.pretrain(str(tmp_path / "world"), vae_steps=30, unet_steps=30, data=256)
+    for losses in (log["vae_mse"], log["unet_loss"]):
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 * 0.8, losses
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "world"))
+    assert pipe.vae.config.scaling_factor != 0.18215  # its own latents' scale
+    from safetensors.torch import load_file
+    weights = load_file(tmp_path / "world" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float16}
+
+
+def test_tiny_is_the_shipped_model_folder_with_the_tiny_defaults(tmp_path):
+    args = dpok.parse_args(["--tiny", "--prompt", PROMPT])
+    assert args.model == os.path.join(os.path.dirname(offline.__file__), "tiny-shapes")
+    assert (args.reward, args.steps, args.lr) == ("shapes", 20, offline.TINY_DEFAULTS["lr"])
 
 
 def test_compressibility_reward_prefers_flat_images():
@@ -395,41 +471,43 @@ def test_compressibility_reward_prefers_flat_images():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two seeded 100-iteration runs (the README's) that differ only in beta (~45 s each)."""
+    """The README's first command (150 iterations, ~2.7 minutes), and the same with beta = 10 for
+    30 iterations."""
     out = {}
-    for beta in ("0.01", "10"):
-        path = tmp_path_factory.mktemp(f"beta{beta}")
-        history = dpok.train(tiny_args("--kl-beta", beta, out=path / "run"))
-        out[beta] = (history, path / "run")
+    for beta, iterations in (("0.01", "150"), ("10", "30")):
+        path = tmp_path_factory.mktemp(f"beta{beta}") / "run"
+        history = dpok.train(dpok.parse_args(["--tiny", "--prompt", PROMPT, "--kl-beta", beta,
+                                              "--iterations", iterations, "--out", str(path)]))
+        out[beta] = (history, path)
     return out
 
 
-def test_tiny_run_raises_the_reward(runs):
+def test_tiny_run_raises_the_alignment(runs):
     history, _ = runs["0.01"]
     rewards = [m["reward_mean"] for m in history]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-10:]) / 10
-    assert last > first + 0.015, (first, last)
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-10:]) / 10  # measured: -1.28 -> -0.73
+    assert last > first + 0.25, (first, last)
 
 
-def test_larger_kl_beta_ends_with_smaller_kl(runs):
-    kl = {beta: sum(m["kl"] for m in h[-10:]) / 10 for beta, (h, _) in runs.items()}
+def test_larger_kl_beta_keeps_the_kl_smaller(runs):
+    kl = {beta: sum(m["kl"] for m in h[20:30]) / 10 for beta, (h, _) in runs.items()}
     assert kl["10"] < kl["0.01"] / 10, kl
 
 
 def test_outputs_metrics_grids_and_loadable_lora(runs):
     history, out = runs["0.01"]
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert len(lines) == 100 and lines == history
-    for key in ("iteration", "reward_mean", "reward_std", "kl", "loss", "ratio", "grad_norm",
-                "value_loss", "seconds", "clipfrac"):
+    assert len(lines) == 150 and lines == history
+    for key in ("iteration", "reward_mean", "reward_std", "fidelity", "kl", "loss", "ratio",
+                "grad_norm", "value_loss", "seconds", "clipfrac"):
         assert key in lines[0]
-    assert (out / "samples_00000.png").exists() and (out / "samples_00099.png").exists()
+    assert (out / "samples_00000.png").exists() and (out / "samples_00149.png").exists()
     # The saved LoRA reproduces the trained model in a fresh pipeline through diffusers' loader.
-    trained = offline.tiny_pipeline(seed=0)
+    trained = StableDiffusionPipeline.from_pretrained(offline.TINY_DEFAULTS["model"])
     trained.load_lora_weights(str(out))
-    fresh = offline.tiny_pipeline(seed=0)
+    fresh = StableDiffusionPipeline.from_pretrained(offline.TINY_DEFAULTS["model"])
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
-    emb = torch.randn(2, 77, 32)
+    emb = torch.randn(2, 8, 64)
     with torch.no_grad():
         changed = (trained.unet(x, t, emb).sample - fresh.unet(x, t, emb).sample).abs().max()
     assert changed > 1e-4
@@ -490,14 +568,14 @@ BAD_INPUTS = [
     (["--eval", "--lora", ".", "--eval-samples", "1"], "--eval-samples must be at least 2"),
     (["--batch-size", "400"], "exceeds --buffer-size"),
     # names that do not exist
-    (["--reward", "aesthetic"], "unknown --reward"),
+    (["--reward", "aesthetic"], "argument --reward: invalid choice: 'aesthetic'"),
     (["--device", "tpu"], "unknown --device"),
     (["--device", "meta"], "unknown --device"),
     (["--device", "cpu", "--dtype", "float16"], "float16 is not supported on CPU"),
-    (["--dtype", "int8"], "unknown --dtype"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["--no-such-flag"], "unrecognized arguments"),
     *([(["--device", "cuda"], "this machine has 0 CUDA GPU(s)")] if not torch.cuda.is_available() else []),
-    (["--prompt", "a rabbit"], "needs a colour word"),
+    (["--prompt", "a green rabbit"], "--reward shapes needs captions like 'two red circles'"),
     # decided by the model's own sizes (after loading it, still before writing anything)
     (["--steps", "1001"], "--steps 1001 exceeds the model's 1000 training timesteps"),
     (["--lora-rank", "33"], "--lora-rank 33 exceeds the narrowest attention projection (32)"),
@@ -545,7 +623,8 @@ def test_missing_model_offline_says_use_tiny(model, tmp_path, capsys, monkeypatc
 # ---------------------------------------------------------------------------------------------
 # Nothing lost: checkpoints, resume, signals, the non-finite guard, no silent overwrite.
 
-SHORT = ["--tiny", "--prompt", PROMPT, "--samples-per-iter", "4", "--save-every", "3"]
+SHORT = ["--tiny", "--prompt", PROMPT, "--samples-per-iter", "4", "--steps", "10",
+         "--save-every", "3"]
 
 
 def numbers(path):
@@ -593,11 +672,11 @@ def test_non_finite_reward_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_p
     def poisoned(device):
         def reward(images, prompts):
             calls.append(1)
-            r = offline.color_reward(images, prompts)
+            r = offline.shapes_reward(images, prompts)
             return r * float("nan") if len(calls) == 5 else r
         return reward
 
-    monkeypatch.setitem(dpok.REWARDS, "color", poisoned)
+    monkeypatch.setitem(dpok.REWARDS, "shapes", poisoned)
     out = tmp_path / "run"
     assert dpok.main([*SHORT, "--iterations", "10", "--out", str(out)]) == 1
     assert "non-finite reward (nan) at iteration 4" in capsys.readouterr().err
@@ -667,35 +746,39 @@ def test_supervised_loss_is_weighted_denoising_plus_offline_kl(tiny):
 
 @pytest.fixture(scope="module")
 def supervised_run(tmp_path_factory):
+    """The baseline, shortened: 800 images sampled once, 20 iterations of updates."""
     out = tmp_path_factory.mktemp("supervised") / "run"
     history = dpok.train(tiny_args("--supervised", "--iterations", "20", "--supervised-samples",
-                                   "160", out=out))
+                                   "800", out=out))
     return history, out
 
 
-def test_both_modes_improve_over_the_pretrained_model(runs, supervised_run):
-    """Iteration 0's samples come from the pretrained model (LoRA B = 0): the baseline."""
-    for history in (runs["0.01"][0], supervised_run[0]):
-        rewards = [m["reward_mean"] for m in history]
-        assert sum(rewards[-10:]) / 10 > rewards[0] + 0.01, rewards
+def test_dpok_ends_above_the_supervised_baseline_at_equal_reward_queries(runs, supervised_run):
+    """The paper's Sec. 5 comparison (in this world the baseline even loses alignment: README).
+    Measured: DPOK's last 10 iterations -0.73."""
+    dpok_rewards, supervised_rewards = ([m["reward_mean"] for m in h[-10:]]
+                                        for h in (runs["0.01"][0], supervised_run[0]))
+    assert sum(dpok_rewards) / 10 > sum(supervised_rewards) / 10 + 0.1
     assert {"reward_mean", "reward_std", "kl", "loss", "grad_norm", "seconds"} <= set(supervised_run[0][0])
     assert (supervised_run[1] / "reward_curve.png").exists()
 
 
 def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path, capsys):
     _, run = runs["0.01"]
-    argv = ["--tiny", "--prompt", PROMPT, "--eval", "--lora", str(run), "--eval-samples", "8",
+    argv = ["--tiny", "--prompt", PROMPT, "--eval", "--lora", str(run), "--eval-samples", "32",
             "--out", str(tmp_path / "eval")]
     assert dpok.main(argv) == 0
     result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
     assert result["reward_finetuned"] > result["reward_pretrained"]
+    assert result["gain"] == pytest.approx(result["reward_finetuned"] - result["reward_pretrained"])
+    assert 0 < result["gain_se"] < abs(result["gain"]) and 0.8 < result["fidelity_pretrained"] <= 1
     assert result["kl_bound"] > 0
     assert (tmp_path / "eval" / "eval.png").exists()
     assert PROMPT in capsys.readouterr().out
     # an untouched LoRA (B = 0) is the pretrained model: same rewards, KL exactly 0
     untouched = tmp_path / "untouched"
     untouched.mkdir()
-    pipe = offline.tiny_pipeline(0)
+    pipe = dpok.load_pipeline(tiny_args(out="unused"))
     dpok.add_lora(pipe.unet, 4)
     dpok.save_lora(pipe.unet, str(untouched))
     assert dpok.main([*argv[:4], "--lora", str(untouched), *argv[6:]]) == 0
@@ -728,6 +811,36 @@ def test_imagereward_reward_runs_the_real_imagereward_code_offline(tmp_path, mon
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     from torchvision.transforms.functional import to_pil_image
     assert scores[1].item() == pytest.approx(model.score(PROMPT, to_pil_image(images[1])))
+
+
+def test_aesthetic_score_runs_image_rewards_aesthetic_predictor_offline(tmp_path, monkeypatch,
+                                                                      capsys):
+    """image-reward's AestheticScore (CLIP image tower + MLP) with random weights and a small CLIP
+    tower of the same output width (768) in place of the download: its score() opens an image
+    file, and the PNG bytes dpok gives it score exactly like that file."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import clip
+        import ImageReward
+        from ImageReward.models.AestheticScore import AestheticScore
+    torch.manual_seed(0)
+    tower = clip.model.CLIP(embed_dim=768, image_resolution=224, vision_layers=1, vision_width=64,
+                            vision_patch_size=32, context_length=77, vocab_size=49408,
+                            transformer_width=64, transformer_heads=1, transformer_layers=1)
+    monkeypatch.setattr(clip, "load", lambda *a, **k: (tower, clip.clip._transform(224)))
+    model = AestheticScore(download_root=str(tmp_path), device="cpu").eval()
+    score = dpok.aesthetic_score("cpu", model)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    scores = score(images)
+    from torchvision.transforms.functional import to_pil_image
+    to_pil_image(images[1]).save(tmp_path / "1.png")
+    assert scores.shape == (2,) and scores[1].item() == pytest.approx(
+        model.score("", str(tmp_path / "1.png")))
+    # Offline before its first download: a note, no error, and --eval reports alignment alone.
+    monkeypatch.setattr(ImageReward, "load_score", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    assert dpok.aesthetic_score("cpu") is None
+    assert "note: no aesthetic score (OSError)" in capsys.readouterr().err
 
 
 def test_imagereward_missing_offline_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
@@ -784,7 +897,7 @@ def test_signal_during_supervised_data_collection_stops_cleanly(tmp_path):
 
 def test_lora_file_is_an_ordinary_file(tmp_path):
     """Its mode follows the umask like every other output (safetensors alone writes 0600)."""
-    pipe = offline.tiny_pipeline(0)
+    pipe = dpok.load_pipeline(tiny_args(out="unused"))
     dpok.add_lora(pipe.unet, 4)
     dpok.save_lora(pipe.unet, str(tmp_path))
     (tmp_path / "ordinary.txt").write_text("")
@@ -971,11 +1084,11 @@ def poisoned_rank(rank, port, out):
     def poisoned(device):
         def reward(images, prompts):
             calls.append(1)
-            r = offline.color_reward(images, prompts)
+            r = offline.shapes_reward(images, prompts)
             return r * float("nan") if rank == 1 and len(calls) == 3 else r
         return reward
 
-    dpok.REWARDS["color"] = poisoned
+    dpok.REWARDS["shapes"] = poisoned
     sys.stderr = open(os.path.join(out, f"err{rank}"), "w")
     code = dpok.main([*SHORT, "--iterations", "10", "--out", os.path.join(out, "run")])
     open(os.path.join(out, f"code{rank}"), "w").write(str(code))
