@@ -524,8 +524,8 @@ def dpok_iteration(run, args):
 def iteration_metrics(run, images, rewards, updates, value_loss=None):
     """Reward and fidelity of the iteration's samples (all ranks'), each update statistic's mean."""
     fidelity = run.fidelity_fn and all_gather(run.fidelity_fn(images).to(rewards.device)).mean().item()
-    return dict(reward_mean=rewards.mean().item(), fidelity=fidelity,  # one image: no spread
-                reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
+    return dict(reward_mean=rewards.mean().item(), fidelity=fidelity,
+                reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,  # 1 image: no spread
                 **{"kl": None, **{k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}},
                 value_loss=value_loss)
 

@@ -1043,7 +1043,7 @@ def test_two_rank_run_learns_and_writes_one_metrics_row_per_iteration(tmp_path):
     first, last = (sum(m["reward_mean"] for m in part) / len(part) for part in (rows[:3], rows[-10:]))
     assert last > first + 0.01, (first, last)
     assert summary.count("dpok: reward") == 1  # rank 0 alone prints
-    assert err.count("dpok: tiny random pipeline on cpu (float32, 2 processes)") == 1
+    assert err.count("tiny-shapes on cpu (float32, 2 processes)") == 1
 
 
 def test_two_rank_resume_equals_straight_run_and_needs_the_same_number_of_ranks(tmp_path, capsys):
