@@ -178,14 +178,14 @@ def render(caption, generator):
     return image
 
 
-def palette_labels(images):
-    """Per pixel of (B, 3, H, W) in [0, 1]: 0 for the background, i + 1 for the i-th palette colour,
-    -1 for a pixel further than 0.5 (128 of 255 levels) from all of them."""
+def nearest_palette_colour(images):
+    """Per pixel of (B, 3, H, W) in [0, 1]: the distance (B, H, W) to the nearest of the
+    background and the palette colours, and which one it is (0 background, i + 1 the i-th)."""
     references = torch.tensor([(0.0, 0.0, 0.0), *PALETTE.values()])
-    distance, label = torch.cdist(images.float().cpu().permute(0, 2, 3, 1).flatten(1, 2),
+    distance, index = torch.cdist(images.float().cpu().permute(0, 2, 3, 1).flatten(1, 2),
                                   references[None]).min(-1)
-    label[distance > 0.5] = -1
-    return label.view(images.shape[0], *images.shape[2:])
+    shape = (images.shape[0], *images.shape[2:])
+    return distance.view(shape), index.view(shape)
 
 
 def objects(mask, min_area):
@@ -232,9 +232,7 @@ def shape_score(crop, shape):
 def clean_fraction(images):
     """Fidelity in the shapes world (the analogue of the paper's aesthetic score): the fraction
     of pixels within 0.25 (64 of 255 levels) of the background or a palette colour."""
-    references = torch.tensor([(0.0, 0.0, 0.0), *PALETTE.values()])
-    pixels = images.float().cpu().permute(0, 2, 3, 1).flatten(1, 2)
-    return (torch.cdist(pixels, references[None]).min(-1)[0] < 0.25).float().mean(1)
+    return (nearest_palette_colour(images)[0] < 0.25).float().mean((1, 2))
 
 
 def analyse(images, prompts):
@@ -244,7 +242,8 @@ def analyse(images, prompts):
     neck: partial credit for nearly separated shapes), shape (mean shape_score of the objects),
     exact (all three right), clean (fidelity: pixels within 0.25 of background or a palette
     colour)."""
-    labels = palette_labels(images)
+    distance, labels = nearest_palette_colour(images)
+    labels[distance > 0.5] = -1  # further than 128 of 255 levels from every colour: no colour
     names = ["background", *PALETTE]
     scores = []
     for i, prompt in enumerate(prompts):
@@ -260,8 +259,8 @@ def analyse(images, prompts):
             shape=sum(shapes) / len(shapes) if shapes else 0.0))
         scores[-1]["exact"] = float(scores[-1]["colour"] > 0.9 and len(found) == count
                                     and all(s > 0.5 for s in shapes))
-    for s, clean in zip(scores, clean_fraction(images).tolist()):
-        s["clean"] = clean
+    for s, clean in zip(scores, (distance < 0.25).float().mean((1, 2)).tolist()):
+        s["clean"] = clean  # clean_fraction, from the same distances
     return scores
 
 
@@ -367,7 +366,8 @@ def pretrain(out, vae_steps=600, unet_steps=1200, seed=0, device="cpu", data=163
     params = [*unet.parameters(), *text_encoder.parameters()]
     average = [p.detach().clone() for p in params]  # EMA, decay warming up to 0.999
     step = optimize(params, unet_steps)
-    unet.train(), text_encoder.train()
+    unet.train()
+    text_encoder.train()
     for i in (bar := tqdm(range(unet_steps), desc="pretrain UNet + text encoder")):
         j = torch.randint(len(latents), (128,), generator=generator)
         caption_ids = torch.where(torch.rand(128, 1, generator=generator) < 0.1, ids[-1], ids[j])
@@ -398,7 +398,8 @@ def breakdown(folder):
     from torchvision.transforms.functional import to_tensor
 
     with open(os.path.join(folder, "eval.json")) as f:
-        results, n = (lambda e: (e["results"], e["args"]["eval_samples"]))(json.load(f))
+        evaluation = json.load(f)
+    results, n = evaluation["results"], evaluation["args"]["eval_samples"]
     grid = to_tensor(Image.open(os.path.join(folder, "eval.png")).convert("RGB"))
     table = {}
     for p, row in enumerate(results):  # save_image's grid: tiles of SIZE with 2-pixel padding
