@@ -12,6 +12,7 @@ cited where it happens as (deviation N).
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -34,17 +35,23 @@ import transformers
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
+from matplotlib.figure import Figure
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-import offline  # the offline world: the shapes world, rewards that need no weights
-
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+def offline_world():
+    """offline.py, imported only by the runs that use it: dpok.py alone runs SD with ImageReward."""
+    if importlib.util.find_spec("offline") is None:
+        raise UsageError("--tiny and --reward shapes/compressibility need offline.py beside dpok.py")
+    return importlib.import_module("offline")
 
 
 # ---- Hyperparameters: the official code's defaults (PAPER.md Sec. 3) unless marked otherwise
@@ -159,20 +166,16 @@ def encode_prompts(pipe, prompts):
 
 
 # ---- Sampler: one DDIM step is one Gaussian policy action (PAPER.md Sec. 1, paper Sec. 4).
-def ddim_alphas(scheduler, timestep):
-    """alphas_cumprod at t and at the previous DDIM timestep (final alpha after the last step)."""
+def ddim_coefficients(scheduler, timestep, eta):
+    """a_t = alphas_cumprod[t], a_prev at the previous DDIM timestep (the final alpha after the
+    last step), sigma_t = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)); one per timestep."""
     t = torch.as_tensor(timestep, device=scheduler.alphas_cumprod.device).long().reshape(-1)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alphas = scheduler.alphas_cumprod
     # Test before indexing: clamping prev_t first would never use the final alpha (DDPO's bug).
-    alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod)
-    return alphas[t], alpha_prev
-
-
-def ddim_sigma(scheduler, timestep, eta):
-    """sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev), one per timestep."""
-    a_t, a_prev = ddim_alphas(scheduler, timestep)
-    return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    a_t, a_prev = alphas[t], torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)],
+                                         scheduler.final_alpha_cumprod)
+    return a_t, a_prev, eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
 
 
 def ddim_step_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None,
@@ -183,8 +186,8 @@ def ddim_step_logprob(scheduler, model_output, timestep, sample, eta, prev_sampl
     log-prob is averaged over latent dimensions (deviation 1); where sigma_t = 0 the step is a
     point mass with no density and its log-prob is reported as 0 (deviation 4)."""
     model_output, sample = model_output.float(), sample.float()  # also in half precision (dev. 6)
-    a_t, a_prev = (a.to(sample.device).view(-1, 1, 1, 1) for a in ddim_alphas(scheduler, timestep))
-    sigma = ddim_sigma(scheduler, timestep, eta).to(sample.device).view(-1, 1, 1, 1)
+    a_t, a_prev, sigma = (c.to(sample.device).view(-1, 1, 1, 1)
+                          for c in ddim_coefficients(scheduler, timestep, eta))
     x0_hat = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
     mu = a_prev.sqrt() * x0_hat + (1 - a_prev - sigma**2).sqrt() * model_output
     if prev_sample is None:
@@ -242,7 +245,8 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
             eps_seen.append(eps)
     latents = torch.stack(latents, dim=1)  # (B, T + 1, 4, h, w)
     steps = len(scheduler.timesteps)
-    keep = ddim_sigma(scheduler, scheduler.timesteps, args.eta).to(pipe.device) > 0  # (T,)
+    sigma = ddim_coefficients(scheduler, scheduler.timesteps, args.eta)[2]
+    keep = sigma.to(pipe.device) > 0  # (T,): the stochastic steps
     transitions = dict(
         latents=latents[:, :-1][:, keep].flatten(0, 1),  # (B * T', 4, h, w)
         next_latents=latents[:, 1:][:, keep].flatten(0, 1),
@@ -268,14 +272,10 @@ def imagereward_reward(device, model=None):
         model = model or ImageReward.load("ImageReward-v1.0", device=device)
     except Exception as e:  # not installed, or offline before its first download
         raise UsageError(f"cannot load ImageReward-v1.0 ({type(e).__name__}); it downloads on "
-                         "first use, so connect once, or use --reward color/compressibility")
+                         "first use, so connect once, or run offline with --tiny")
 
     return lambda images, prompts: torch.tensor(  # called under torch.no_grad()
         [float(model.score(p, to_pil_image(im.float().cpu()))) for im, p in zip(images, prompts)])
-
-
-REWARDS = {"imagereward": imagereward_reward, "shapes": lambda device: offline.shapes_reward,
-           "compressibility": lambda device: offline.compressibility_reward}
 
 
 def aesthetic_score(device, model=None):
@@ -293,7 +293,11 @@ def aesthetic_score(device, model=None):
     return lambda images: torch.tensor([score(image) for image in images])
 
 
-FIDELITY = {"imagereward": aesthetic_score, "shapes": lambda device: offline.clean_fraction}
+# Each --reward: its reward function r(x_0, z), and the fidelity measure reported beside it.
+REWARDS = {"imagereward": imagereward_reward,
+           "shapes": lambda device: offline_world().shapes_reward,
+           "compressibility": lambda device: offline_world().compressibility_reward}
+FIDELITY = {"imagereward": aesthetic_score, "shapes": lambda device: offline_world().clean_fraction}
 
 
 # ---- Value function V(x_t, z, t) (official code, v_flag = 1): a baseline for the advantage.
@@ -328,8 +332,7 @@ def kl_regulariser(eps, eps_pre):
 def kl_step_weight(scheduler, timestep, eta):
     """c_t^2 / (2 sigma_t^2): KL(N(mu_theta, s^2) || N(mu_pre, s^2)) = this * (eps diff)^2,
     with c_t = sqrt(1 - a_prev - sigma^2) - sqrt(a_prev) sqrt(1 - a_t) / sqrt(a_t)."""
-    a_t, a_prev = ddim_alphas(scheduler, timestep)
-    sigma = ddim_sigma(scheduler, timestep, eta)
+    a_t, a_prev, sigma = ddim_coefficients(scheduler, timestep, eta)
     c = (1 - a_prev - sigma**2).sqrt() - a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt()
     return c**2 / (2 * sigma**2)
 
@@ -767,8 +770,6 @@ def train(args):
 
 def plot_curves(history, path):
     """Reward, fidelity and the KL regulariser per iteration, as a PNG (no display needed)."""
-    from matplotlib.figure import Figure
-
     keys = [k for k in ("reward_mean", "fidelity", "kl") if history[0].get(k) is not None or k == "kl"]
     figure = Figure(figsize=(6, 2 + 1.5 * len(keys)))
     for ax, key in zip(figure.subplots(len(keys), 1, sharex=True), keys):
@@ -813,11 +814,10 @@ def evaluate(args):
         # Two generators with one seed: both models start from the same noise, chunk by chunk.
         seeds = [torch.Generator().manual_seed(args.seed) for _ in range(2)]
         before, after, kl = [], [], []
-        for chunk in torch.full((args.eval_samples,), p).split(args.samples_per_iter):
+        for chunk in torch.full((args.eval_samples,), p, device=args.device).split(args.samples_per_iter):
             with pretrained_model(pipe.unet):
-                before.append(rollout(pipe, cond, uncond, chunk.to(args.device), args, seeds[0])[1])
-            transitions, images = rollout(pipe, cond, uncond, chunk.to(args.device), args, seeds[1],
-                                          keep_eps=True)
+                before.append(rollout(pipe, cond, uncond, chunk, args, seeds[0])[1])
+            transitions, images = rollout(pipe, cond, uncond, chunk, args, seeds[1], keep_eps=True)
             after.append(images)
             kl.append(kl_bound(pipe, transitions, cond, uncond, args).unflatten(0, (len(chunk), -1)))
         row, rewards = dict(prompt=prompt, kl_bound=torch.cat(kl).sum(1).mean().item()), []
@@ -862,6 +862,7 @@ UNUSED = {
     "supervised": {"ratio_clip", "buffer_size", "no_value", *VALUE},
     "no_value": VALUE,
     "tiny": {"model"},
+    "resume": {"overwrite"},  # it continues the run in --out, --overwrite would replace it
 }
 NEEDS = {"supervised_samples": "supervised", "eval_samples": "eval"}
 
@@ -875,7 +876,8 @@ def parse_args(argv=None):
                                                                      choices=f.metadata["choices"])
         parser.add_argument(flag(f.name), help=f.metadata["help"] + default, **kind)
     given = vars(parser.parse_args(argv))
-    args = Args(**{**(offline.TINY_DEFAULTS if given.get("tiny") else {}), **given})  # dev. 8
+    tiny = offline_world().TINY_DEFAULTS if given.get("tiny") else {}  # deviation 8
+    args = Args(**{**tiny, **given})
     check_args(args, set(given))
     return args
 
@@ -897,8 +899,6 @@ def check_args(args, given):
     for name, mode in NEEDS.items():
         if name in given and not getattr(args, mode):
             bad(f"{flag(name)} is only used with {flag(mode)}")
-    if args.resume and args.overwrite:
-        bad("--resume continues the run in --out, --overwrite replaces it: give one")
     for name in COUNTS:
         if not 0 < getattr(args, name) < 2**31:
             bad(f"{flag(name)} must be a positive whole number below 2^31, got {getattr(args, name)}")
@@ -950,7 +950,7 @@ def read_prompts(args):
             with open(args.prompts, encoding="utf-8") as f:
                 prompts = [line.strip() for line in f if line.strip()]
         if args.reward == "shapes":  # a prompt that is not a shapes caption is bad input
-            [offline.parse_caption(p) for p in prompts]
+            [offline_world().parse_caption(p) for p in prompts]
     except UnicodeDecodeError:
         raise UsageError(f"prompts file is not UTF-8 text: {args.prompts}")
     except OSError as e:  # missing, a folder, unreadable

@@ -32,6 +32,12 @@ def sd_scheduler(steps=10, **overrides):
     return scheduler
 
 
+def reference_sigma(scheduler, t, eta=1.0):
+    """sigma_t of DDIMScheduler.step, from diffusers' own variance."""
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    return eta * scheduler._get_variance(t, prev_t).sqrt()
+
+
 FAST = ["--steps", "10", "--samples-per-iter", "8"]  # the tiny world at half the cost, for tests
 
 
@@ -80,7 +86,7 @@ def test_log_prob_equals_torch_normal_mean_over_dims():
         sample, eps = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
         prev = torch.randn(2, 4, 8, 8, generator=gen)
         mu = scheduler.step(eps, t, sample, eta=1.0, variance_noise=torch.zeros_like(sample))
-        sigma = dpok.ddim_sigma(scheduler, t, 1.0)
+        sigma = reference_sigma(scheduler, t)
         ref = torch.distributions.Normal(mu.prev_sample, sigma).log_prob(prev).mean(dim=(1, 2, 3))
         _, ours = dpok.ddim_step_logprob(scheduler, eps, t, sample, 1.0, prev_sample=prev)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
@@ -101,7 +107,8 @@ def test_deterministic_final_step_has_no_log_prob_and_is_not_stored(tiny):
     pipe, _, cond, uncond, args = tiny
     scheduler = sd_scheduler(set_alpha_to_one=True)
     last = scheduler.timesteps[-1]
-    assert dpok.ddim_sigma(scheduler, last, 1.0).item() == 0
+    assert reference_sigma(scheduler, last).item() == 0
+    assert dpok.ddim_coefficients(scheduler, last, 1.0)[2].item() == 0
     x = torch.randn(2, 4, 8, 8)
     prev, log_prob = dpok.ddim_step_logprob(scheduler, torch.randn_like(x), last, x, 1.0)
     assert torch.isfinite(prev).all() and torch.equal(log_prob, torch.zeros(2))
@@ -202,7 +209,7 @@ def test_eps_kl_times_step_weight_is_the_gaussian_kl():
         zero = torch.zeros_like(x)
         mu = scheduler.step(eps, t, x, eta=1.0, variance_noise=zero).prev_sample
         mu_pre = scheduler.step(eps_pre, t, x, eta=1.0, variance_noise=zero).prev_sample
-        sigma = dpok.ddim_sigma(scheduler, t, 1.0)
+        sigma = reference_sigma(scheduler, t)
         exact = torch.distributions.kl_divergence(torch.distributions.Normal(mu, sigma),
                                                   torch.distributions.Normal(mu_pre, sigma))
         ours = dpok.kl_step_weight(scheduler, t, 1.0) * dpok.kl_regulariser(eps, eps_pre)
@@ -554,7 +561,7 @@ BAD_INPUTS = [
     # flags that contradict each other, or that the mode would ignore
     (["--prompt", None], "exactly one of --prompt"),
     (["--prompts", "prompts.txt"], "exactly one of --prompt"),
-    (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite replaces it"),
+    (["--resume", "--overwrite"], "--overwrite has no effect with --resume"),
     (["--model", "some/model"], "--model has no effect with --tiny"),
     (["--supervised", "--ratio-clip", "0.1"], "--ratio-clip has no effect with --supervised"),
     (["--supervised", "--no-value"], "--no-value has no effect with --supervised"),
@@ -617,6 +624,23 @@ def test_missing_model_offline_says_use_tiny(model, tmp_path, capsys, monkeypatc
     assert dpok.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tiny" in err[0] and "cannot load model" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dpok_py_alone_needs_offline_py_only_for_the_offline_world(tmp_path):
+    # A copy of dpok.py without offline.py beside it, as forked into another project: the real
+    # world's command parses without importing offline.py; --tiny says what is missing.
+    (tmp_path / "dpok.py").write_bytes(open(dpok.__file__, "rb").read())
+    code = ("import sys, dpok; dpok.parse_args(['--prompt', 'A green colored rabbit']); "
+            "assert 'offline' not in sys.modules; "
+            "sys.exit(dpok.main(['--tiny', '--prompt', 'three green squares', '--out', 'o']))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("dpok: error: --tiny and --reward "
+                                                      "shapes/compressibility need offline.py "
+                                                      "beside dpok.py")
     assert not (tmp_path / "o").exists()
 
 
@@ -849,7 +873,7 @@ def test_imagereward_missing_offline_is_one_line_exit_2(tmp_path, capsys, monkey
     argv = ["--tiny", "--prompt", PROMPT, "--reward", "imagereward", "--out", str(tmp_path / "o")]
     assert dpok.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot load ImageReward-v1.0" in err[0], err
+    assert len(err) == 1 and "cannot load ImageReward-v1.0" in err[0] and "--tiny" in err[0], err
     assert not (tmp_path / "o").exists()
 
 
