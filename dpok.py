@@ -35,7 +35,6 @@ import transformers
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
-from matplotlib.figure import Figure
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torchvision.transforms.functional import to_pil_image
@@ -245,8 +244,7 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
             eps_seen.append(eps)
     latents = torch.stack(latents, dim=1)  # (B, T + 1, 4, h, w)
     steps = len(scheduler.timesteps)
-    sigma = ddim_coefficients(scheduler, scheduler.timesteps, args.eta)[2]
-    keep = sigma.to(pipe.device) > 0  # (T,): the stochastic steps
+    keep = ddim_coefficients(scheduler, scheduler.timesteps, args.eta)[2].to(pipe.device) > 0  # (T,)
     transitions = dict(
         latents=latents[:, :-1][:, keep].flatten(0, 1),  # (B * T', 4, h, w)
         next_latents=latents[:, 1:][:, keep].flatten(0, 1),
@@ -261,7 +259,7 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
     return transitions, pipe.image_processor.postprocess(images.float(), output_type="pt")
 
 
-# ---- Rewards r(x_0, z): ImageReward (the paper's); offline.py has two that need no weights.
+# ---- Reward r(x_0, z) and fidelity: ImageReward, aesthetic score (paper); offline.py's, weight-free
 def imagereward_reward(device, model=None):
     """ImageReward-v1.0 (Xu et al. 2023), downloaded (~1.7 GB) on first use; `model` lets a test
     pass one built offline. Scores are standardised by the package. Not differentiated."""
@@ -293,7 +291,6 @@ def aesthetic_score(device, model=None):
     return lambda images: torch.tensor([score(image) for image in images])
 
 
-# Each --reward: its reward function r(x_0, z), and the fidelity measure reported beside it.
 REWARDS = {"imagereward": imagereward_reward,
            "shapes": lambda device: offline_world().shapes_reward,
            "compressibility": lambda device: offline_world().compressibility_reward}
@@ -770,6 +767,8 @@ def train(args):
 
 def plot_curves(history, path):
     """Reward, fidelity and the KL regulariser per iteration, as a PNG (no display needed)."""
+    from matplotlib.figure import Figure  # imported here: only a finished run draws
+
     keys = [k for k in ("reward_mean", "fidelity", "kl") if history[0].get(k) is not None or k == "kl"]
     figure = Figure(figsize=(6, 2 + 1.5 * len(keys)))
     for ax, key in zip(figure.subplots(len(keys), 1, sharex=True), keys):
