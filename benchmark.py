@@ -1,90 +1,199 @@
-"""Rerunnable speed check: ratios measured in one run, never timed tests.
+"""Rerunnable speed and memory check of one DPOK iteration, phase by phase: ratios and peaks
+measured in one run, never timed tests.
 
-    python benchmark.py                         # tiny world on the CPU: the table the README quotes
-    python benchmark.py --sd15 --device cuda    # SD v1.5's architecture (random weights), 512 px
+    python benchmark.py --out tiny.json                       # the shapes world, CPU
+    python benchmark.py --sd15 --device cuda --out gpu.json   # SD v1.5's architecture, 512 px
+    python benchmark.py --sd15 --latent-size 8 --out t.json   # the same table on CPU, tiny latents
 
-1. Sampling: dpok.rollout (which also keeps every transition and its log-prob) against
-   diffusers' own StableDiffusionPipeline call for the same images, steps, guidance and eta.
-2. One policy update (grad_accum x batch_size transitions) with and without the KL term, which
-   costs one extra no-grad UNet pass per micro-batch.
+`--sd15` saves offline.sd15_pipeline (SD v1.5's exact architecture, random weights: speed and
+memory do not depend on their values) and loads it through dpok's own `--model PATH` path, with
+the official single-prompt settings: 10 images x 50 steps, guidance 7.5, value function on,
+beta 0.01, 5 policy updates of 12 micro-batches x 4 transitions. Rewards are image-reward's
+ImageReward and aesthetic predictor with their real architectures and random weights
+(offline.imagereward_model, offline.aesthetic_model).
 
-`--sd15` builds offline.sd15_pipeline at 64x64 latents (SD's 512 px) with the official settings
-(10 images x 50 steps, 12 x 4 transitions per update): speed and memory do not depend on the
-weights' values. It is meant for a GPU; on 2 CPU cores one guided step takes seconds.
+One table per configuration, dtype x micro-batching (4 x 12, then 48 x 1: the same gradient),
+biggest last, so that running out of memory ends only the last ones. Per phase: seconds (best of
+--repeats after one warm-up) and peak GPU memory (torch.cuda.max_memory_allocated, reset per
+phase). The rewards do not depend on the UNet's dtype: they are measured once, first.
 """
 
 import argparse
+import copy
 import dataclasses
+import json
+import os
+import tempfile
 import time
 
+import diffusers
 import torch
 
 import dpok
 import offline
 
 
-def best_of(fn, repeats):
+def measure(fn, repeats, cuda):
+    """(best seconds of `repeats` calls after a warm-up, peak GPU memory in GiB or None)."""
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return dict(seconds=min(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sd15", action="store_true", help="SD v1.5's architecture at 512 px")
-    parser.add_argument("--latent-size", type=int, default=64, help="with --sd15 (64: 512 px)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    options = parser.parse_args()
-    prompt = "A green colored rabbit" if options.sd15 else "three green squares"
-    world = ["--reward", "compressibility"] if options.sd15 else ["--tiny"]
-    args = dpok.parse_args([*world, "--prompt", prompt, "--device", options.device])
-    if options.sd15:
-        pipe = offline.sd15_pipeline(options.latent_size).to(args.device, getattr(torch, args.dtype))
-        pipe.scheduler = dpok.ddim_scheduler(pipe.scheduler.config, args.steps)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.unet.requires_grad_(False)
-    else:
-        pipe = dpok.load_pipeline(args)
-    params = dpok.add_lora(pipe.unet, args.lora_rank)
-    cond, uncond, _ = dpok.encode_prompts(pipe, [prompt])
-    n = args.samples_per_iter
+def reward_phases(options, folder, images, prompts):
+    """The reward and fidelity scorers of the real run, batched and (ImageReward) per image."""
+    from torchvision.transforms.functional import to_pil_image
+
+    cuda, rows = options.device.startswith("cuda"), {}
+    compressibility = offline.compressibility_reward
+    rows["reward: compressibility"] = measure(lambda: compressibility(images, prompts), options.repeats, cuda)
+    if options.no_imagereward:
+        return rows, None, {}
+    model = offline.imagereward_model(os.path.join(folder, "imagereward"), device=options.device)
+    imagereward = dpok.imagereward_reward(options.device, model)
+    aesthetic = dpok.aesthetic_score(options.device, offline.aesthetic_model(
+        os.path.join(folder, "aesthetic"), device=options.device))
+    with torch.no_grad():
+        rows["reward: ImageReward, batched"] = measure(
+            lambda: imagereward(images, prompts), options.repeats, cuda)
+        rows["reward: ImageReward, its per-image score"] = measure(
+            lambda: [model.score(p, to_pil_image(x.float().cpu())) for p, x in zip(prompts, images)],
+            options.repeats, cuda)
+        rows["fidelity: aesthetic score, batched"] = measure(
+            lambda: aesthetic["fidelity"](images, prompts), options.repeats, cuda)
+    return rows, imagereward, aesthetic
+
+
+def configuration(options, model_args, dtype, batch_size, grad_accum, scorers):
+    """Every phase of one DPOK iteration in one dtype and micro-batching."""
+    args = dpok.parse_args([*model_args, "--dtype", dtype, "--batch-size", str(batch_size),
+                            "--grad-accum", str(grad_accum)])
+    cuda, repeats = options.device.startswith("cuda"), options.repeats
+    run = dpok.setup(args, [args.prompt])
+    if scorers[0] is not None:  # ImageReward and the aesthetic score, as the real run has them
+        run.reward_fn, run.measures = scorers
+    n, rows = args.samples_per_iter, {}
     index = torch.zeros(n, dtype=torch.long, device=args.device)
+    sample = lambda: dpok.rollout(run.pipe, run.cond, run.uncond, index, args,
+                                  torch.Generator().manual_seed(0))
+    pipeline_call = lambda: run.pipe(args.prompt, num_images_per_prompt=n,
+                                     num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                     eta=args.eta, output_type="pt",
+                                     generator=torch.Generator().manual_seed(0))
+    rows[f"diffusers pipeline call, {n} images x {args.steps} steps"] = measure(pipeline_call, repeats, cuda)
+    rows["rollout (same images + transitions + log-probs)"] = measure(sample, repeats, cuda)
+    dpok.dpok_iteration(run, args)  # fills the buffer
+    if run.value_fn is not None:
+        rows["value update"] = measure(lambda: dpok.update_value_function(run, args), repeats, cuda)
+    batch = dpok.sample_batch(run.buffer, grad_accum * batch_size, run.generator)
+    batch["advantage"] = batch["reward"]
+    for beta, name in ((0.0, "policy update, no KL term"), (args.kl_beta, "policy update, with KL term")):
+        beta_args = dataclasses.replace(args, kl_beta=beta)
+        loss_fn = lambda micro: dpok.policy_loss(run.pipe.unet, run.pipe.scheduler, micro, run.cond,
+                                                 run.uncond, beta_args)
+        rows[name] = measure(lambda: dpok.update(run, batch, loss_fn, beta_args), repeats, cuda)
+    rows["whole iteration"] = measure(lambda: dpok.dpok_iteration(run, args), repeats, cuda)
+    # What the official code's second, frozen UNet would add (ours: adapters off, nothing).
+    frozen = [p for name, p in run.pipe.unet.named_parameters() if "lora" not in name]
+    second = dict(computed_gib=sum(p.numel() * p.element_size() for p in frozen) / 2**30)
+    if cuda:
+        before = torch.cuda.memory_allocated()
+        unet_copy = copy.deepcopy(run.pipe.unet)
+        second["measured_gib"] = (torch.cuda.memory_allocated() - before) / 2**30
+        del unet_copy
+    return dict(dtype=dtype, micro_batch=batch_size, grad_accum=grad_accum, phases=rows,
+                second_unet=second, adapters_off_reference_gib=0.0,
+                hours_for_2000_iterations=rows["whole iteration"]["seconds"] * 2000 / 3600)
 
-    def ours():
-        dpok.rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(0))
 
-    def diffusers_call():
-        pipe(prompt, num_images_per_prompt=n, num_inference_steps=args.steps,
-             guidance_scale=args.guidance, eta=args.eta, output_type="pt",
-             generator=torch.Generator().manual_seed(0))
+def show(result):
+    print(f"\n{result['dtype']}, micro-batches of {result['micro_batch']} x {result['grad_accum']}")
+    if "error" in result:
+        return print(f"  {result['error']}")
+    print(f"  {'phase':<56} {'seconds':>9} {'peak GiB':>9}")
+    for name, row in result["phases"].items():
+        peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
+        print(f"  {name:<56} {row['seconds']:9.3f} {peak:>9}")
+    phases = result["phases"]
+    call = next(v for k, v in phases.items() if k.startswith("diffusers"))
+    ratio = phases["rollout (same images + transitions + log-probs)"]["seconds"] / call["seconds"]
+    kl = phases["policy update, with KL term"]["seconds"] / phases["policy update, no KL term"]["seconds"]
+    print(f"  rollout / pipeline call {ratio:.2f}; KL term x{kl:.2f} per update; a second UNet "
+          f"would add {result['second_unet']['computed_gib']:.3f} GiB (adapters off: 0); "
+          f"2000 iterations: {result['hours_for_2000_iterations']:.1f} h")
 
-    ours(), diffusers_call()  # warm-up
-    t_ours, t_ref = best_of(ours, options.repeats), best_of(diffusers_call, options.repeats)
-    transitions, _ = dpok.rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(0))
-    transitions["reward"] = transitions["advantage"] = torch.randn(len(transitions["log_prob"]))
-    batch = {k: v[: args.batch_size * args.grad_accum].to(args.device) for k, v in transitions.items()}
 
-    def update(kl_beta):
-        run = dataclasses.replace(args, kl_beta=kl_beta)
-        loss_fn = lambda m: dpok.policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, run)
-        return lambda: dpok.accumulate_gradient(loss_fn, batch, run.batch_size)
-
-    t_kl, t_no_kl = best_of(update(0.01), options.repeats), best_of(update(0.0), options.repeats)
-    for p in params:
-        p.grad = None
-    print(f"{'what':<52} {'seconds':>8} {'ratio':>6}")
-    print(f"{f'diffusers pipeline, {n} images x {args.steps} steps':<52} {t_ref:8.3f} {1:6.2f}")
-    print(f"{'dpok.rollout, same images + log-probs':<52} {t_ours:8.3f} {t_ours / t_ref:6.2f}")
-    size = len(batch["reward"])
-    print(f"{f'policy update, {size} transitions, no KL term':<52} {t_no_kl:8.3f} {1:6.2f}")
-    print(f"{'policy update, same, with KL term (+1 no-grad pass)':<52} {t_kl:8.3f} "
-          f"{t_kl / t_no_kl:6.2f}")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sd15", action="store_true", help="SD v1.5's architecture (random weights)")
+    parser.add_argument("--latent-size", type=int, default=64, help="with --sd15 (64: 512 px)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", help="default: bfloat16 float16 on a GPU; on the "
+                        "CPU float32 (dpok's CPU default) and float16, which says it needs a GPU")
+    parser.add_argument("--images", type=int, help="images per iteration (default: the world's)")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the world's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per phase after a warm-up")
+    parser.add_argument("--no-imagereward", action="store_true",
+                        help="skip ImageReward and the aesthetic score (rewards: compressibility)")
+    parser.add_argument("--out", help="write the tables as JSON to this file")
+    options = parser.parse_args(argv)
+    diffusers.utils.logging.disable_progress_bar()
+    cuda = options.device.startswith("cuda")
+    options.dtypes = options.dtypes or (["bfloat16", "float16"] if cuda else ["float32", "float16"])
+    with tempfile.TemporaryDirectory() as folder:
+        if options.sd15:
+            model = os.path.join(folder, "sd15")
+            offline.sd15_pipeline(options.latent_size).to(dtype=torch.float16).save_pretrained(model)
+            model_args = ["--model", model, "--reward", "compressibility",
+                          "--prompt", "A green colored rabbit"]
+        else:
+            model_args = ["--tiny", "--prompt", "three green squares"]
+        model_args += ["--device", options.device, "--out", os.path.join(folder, "unused")]
+        model_args += ["--samples-per-iter", str(options.images)] * bool(options.images)
+        model_args += ["--steps", str(options.steps)] * bool(options.steps)
+        args = dpok.parse_args(model_args)
+        images = torch.rand(args.samples_per_iter, 3, 512 if options.sd15 else 32,
+                            512 if options.sd15 else 32, generator=torch.Generator().manual_seed(0))
+        prompts = [args.prompt] * len(images)
+        rewards, imagereward, aesthetic = reward_phases(options, folder, images.to(args.device), prompts)
+        scorers = (imagereward, aesthetic) if options.sd15 else (None, None)
+        print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, "
+              f"{'SD v1.5 architecture' if options.sd15 else 'shapes world'}, {args.samples_per_iter} "
+              f"images x {args.steps} steps; rewards on {len(images)} images:")
+        for name, row in rewards.items():
+            print(f"  {name:<56} {row['seconds']:9.3f}")
+        results = []
+        for batch_size, grad_accum in ((4, 12), (48, 1)):  # the same 48 transitions, biggest last
+            for dtype in options.dtypes:
+                if dtype == "float16" and not cuda:
+                    results.append(dict(dtype=dtype, micro_batch=batch_size, grad_accum=grad_accum,
+                                        error="float16 needs a GPU (not run)"))
+                else:
+                    try:
+                        results.append(configuration(options, model_args, dtype, batch_size,
+                                                     grad_accum, scorers))
+                    except torch.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        results.append(dict(dtype=dtype, micro_batch=batch_size,
+                                            grad_accum=grad_accum, error="out of memory"))
+                show(results[-1])
+    report = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                  world="sd15" if options.sd15 else "shapes", latent_size=options.latent_size,
+                  images=args.samples_per_iter, steps=args.steps, repeats=options.repeats,
+                  rewards=rewards, configurations=results)
+    if options.out:
+        with open(options.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 - `sd15_pipeline`: a random pipeline with Stable Diffusion v1.5's exact architecture, tokenizer
   and scheduler config, to run the real `--model PATH` code path without the weights (tests on
   CPU at a small latent size; speed and memory at 64x64 latents on a GPU).
+- `imagereward_model`, `aesthetic_model`: image-reward's ImageReward and aesthetic predictor with
+  their real architectures and random weights (tests; benchmark.py's reward phase).
 - `compressibility_reward`: DDPO's weight-free reward, for any model.
 """
 
@@ -103,6 +105,70 @@ def sd15_pipeline(sample_size=64, seed=0):
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, num_train_timesteps=1000))
     return sd_pipeline(text_encoder, tokenizer, unet, vae, scheduler)
+
+
+def imagereward_model(folder, seed=0, device="cpu"):
+    """image-reward's ImageReward (BLIP ViT-L + a 12-layer BERT with cross-attention, 447 M
+    weights) with random weights, built offline in `folder`: BLIP's tokenizer loads
+    "bert-base-uncased" from the working directory first, so a vocabulary of the special tokens
+    and single letters (every word becomes its letters) is written there, with BERT-base's
+    `med_config.json`. The package initialises its scoring MLP so small that every score is the
+    same; it is redrawn here (xavier) so that scores depend on the image and the prompt."""
+    import contextlib
+    import string
+    import warnings
+
+    with warnings.catch_warnings():  # its `clip` dependency warns about pkg_resources
+        warnings.simplefilter("ignore")
+        import ImageReward
+
+    os.makedirs(os.path.join(folder, "bert-base-uncased"), exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+             *("##" + c for c in string.ascii_lowercase)]
+    with open(os.path.join(folder, "bert-base-uncased", "vocab.txt"), "w") as f:
+        f.write("\n".join(words) + "\n")
+    config = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu",
+                  hidden_dropout_prob=0.1, hidden_size=768, initializer_range=0.02,
+                  intermediate_size=3072, layer_norm_eps=1e-12, max_position_embeddings=512,
+                  model_type="bert", num_attention_heads=12, num_hidden_layers=12, pad_token_id=0,
+                  type_vocab_size=2, vocab_size=30524, encoder_width=1024, add_cross_attention=True)
+    with open(os.path.join(folder, "med_config.json"), "w") as f:
+        json.dump(config, f)
+    torch.manual_seed(seed)
+    with contextlib.chdir(folder):
+        model = ImageReward.ImageReward(med_config="med_config.json", device=device)
+    for layer in model.mlp.layers:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.xavier_normal_(layer.weight)
+    return model.to(device).eval()
+
+
+def aesthetic_model(folder, seed=0, device="cpu", vision_layers=24, vision_width=1024):
+    """image-reward's AestheticScore (a CLIP image tower + an MLP) with random weights, offline:
+    CLIP ViT-L/14's image tower by default (24 layers of width 1024, patch 14, 768-wide output);
+    a test passes a narrower, shallower tower of the same output width."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import clip
+        from ImageReward.models.AestheticScore import AestheticScore
+
+    torch.manual_seed(seed)
+    tower = clip.model.CLIP(
+        embed_dim=768, image_resolution=224, vision_layers=vision_layers, vision_width=vision_width,
+        vision_patch_size=14, context_length=77, vocab_size=49408, transformer_width=768,
+        transformer_heads=12, transformer_layers=1)
+    real_load = clip.load
+    clip.load = lambda *args, **kwargs: (tower, clip.clip._transform(224))  # no download
+    try:
+        model = AestheticScore(download_root=folder, device=device)
+    finally:
+        clip.load = real_load
+    for layer in model.mlp.layers:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.xavier_normal_(layer.weight)
+    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,9 +295,10 @@ def shape_score(crop, shape):
     return membership * min(h, w) / max(h, w)
 
 
-def clean_fraction(images):
+def clean_fraction(images, prompts=None):
     """Fidelity in the shapes world (the analogue of the paper's aesthetic score): the fraction
-    of pixels within 0.25 (64 of 255 levels) of the background or a palette colour."""
+    of pixels within 0.25 (64 of 255 levels) of the background or a palette colour; it does not
+    read the prompts (a held-out measure of dpok.py takes both)."""
     return (nearest_palette_colour(images)[0] < 0.25).float().mean((1, 2))
 
 
