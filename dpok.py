@@ -49,7 +49,7 @@ class UsageError(Exception):
 def offline_world():
     """offline.py, imported only by the runs that use it: dpok.py alone runs SD with ImageReward."""
     if importlib.util.find_spec("offline") is None:
-        raise UsageError("--tiny and --reward shapes/compressibility need offline.py beside dpok.py")
+        raise UsageError("--tiny and offline.py's rewards need offline.py beside dpok.py")
     return importlib.import_module("offline")
 
 
@@ -65,7 +65,7 @@ class Args:
     model: str = opt("stable-diffusion-v1-5/stable-diffusion-v1-5", "diffusers model id or path")
     tiny: bool = opt(False, "the shapes world (offline.py): its shipped tiny model, offline, CPU")
     reward: str = opt("imagereward", "the reward (imagereward: the paper's)",
-                      ["imagereward", "shapes", "compressibility"])
+                      ["imagereward", "shapes", "shapes-learned", "compressibility"])
     lora_rank: int = opt(4, "LoRA rank on the UNet attention projections")
     steps: int = opt(50, "DDIM steps T per image (paper Sec. 5)")
     guidance: float = opt(7.5, "classifier-free guidance scale w")
@@ -302,10 +302,13 @@ def aesthetic_score(device, model=None):
 
 REWARDS = {"imagereward": imagereward_reward,
            "shapes": lambda device: offline_world().shapes_reward,
+           "shapes-learned": lambda device: offline_world().learned_reward(device),
            "compressibility": lambda device: offline_world().compressibility_reward}
 # Held-out measures {name: fn(images, prompts)}, scored beside the reward, never trained on.
-MEASURES = {"imagereward": aesthetic_score,
-            "shapes": lambda device: dict(fidelity=offline_world().clean_fraction)}
+MEASURES = {"imagereward": aesthetic_score,  # offline.py's own for its rewards:
+            "shapes": lambda device: offline_world().MEASURES["shapes"],
+            "shapes-learned": lambda device: offline_world().MEASURES["shapes-learned"],
+            "compressibility": lambda device: {}}
 
 
 # ---- Value function V(x_t, z, t) (official code, v_flag = 1): a baseline for the advantage.
@@ -425,10 +428,9 @@ def setup(args, prompts):
         latent_dim, text_features.shape[-1], args.steps).to(args.device)
     return SimpleNamespace(
         pipe=pipe, prompts=prompts, cond=cond, uncond=uncond, text_features=text_features,
-        reward_fn=REWARDS[args.reward](args.device), params=params,
-        measures=MEASURES.get(args.reward, lambda device: {})(args.device),
+        reward_fn=REWARDS[args.reward](args.device), measures=MEASURES[args.reward](args.device),
         optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),  # official: no decay
-        scaler=torch.amp.GradScaler(enabled=args.dtype == "float16"),
+        scaler=torch.amp.GradScaler(enabled=args.dtype == "float16"), params=params,
         value_fn=value_fn,  # its optimizer keeps torch's default weight decay, as the official
         value_opt=value_fn and torch.optim.AdamW(value_fn.parameters(), lr=args.value_lr),
         generator=torch.Generator().manual_seed(args.seed + world()[0]),  # every later draw
@@ -454,13 +456,15 @@ def next_prompts(run, n):
 
 
 def score(run, images, prompt_index):
-    """r(x_0, z) of this rank's images and of all ranks'; a non-finite one stops every rank."""
+    """r(x_0, z) of this rank's images and all ranks' (non-finite: all stop); measures' means."""
+    prompts = [run.prompts[i] for i in prompt_index]
     with torch.no_grad():
-        rewards = run.reward_fn(images, [run.prompts[i] for i in prompt_index])
-    rewards = rewards.float().to(run.cond.device)
+        rewards = run.reward_fn(images, prompts).float().to(run.cond.device)
+        measures = {name: all_gather(fn(images, prompts).float().to(rewards.device)).mean().item()
+                    for name, fn in run.measures.items()}
     everyone = all_gather(rewards)
     check_finite("reward", everyone.sum().item())
-    return rewards, everyone
+    return rewards, everyone, measures
 
 
 def sample_batch(buffer, size, generator):
@@ -508,7 +512,7 @@ def dpok_iteration(run, args):
     #    its old log-prob; score each x_0 with r(x_0, z) and give every transition its reward.
     prompt_index = next_prompts(run, args.samples_per_iter)
     transitions, images = rollout(run.pipe, run.cond, run.uncond, prompt_index, args, run.generator)
-    rewards, everyone = score(run, images, prompt_index)
+    rewards, everyone, measures = score(run, images, prompt_index)
     transitions["reward"] = rewards.repeat_interleave(len(transitions["log_prob"]) // len(rewards))
     # 2. FIFO buffer of the last buffer_size transitions.
     run.buffer = {k: (v if run.buffer is None else torch.cat([run.buffer[k], v]))[-args.buffer_size:]
@@ -525,14 +529,11 @@ def dpok_iteration(run, args):
                 batch["latents"], run.text_features[batch["prompt_index"]], batch["step"]))
         updates.append(update(run, batch, lambda micro: policy_loss(
             run.pipe.unet, run.pipe.scheduler, micro, run.cond, run.uncond, args), args))
-    return iteration_metrics(run, images, prompt_index, everyone, updates, value_mse), images
+    return iteration_metrics(everyone, measures, updates, value_mse), images
 
 
-def iteration_metrics(run, images, prompt_index, rewards, updates, value_loss=None):
+def iteration_metrics(rewards, measures, updates, value_loss=None):
     """Reward and held-out measures of the iteration's samples (all ranks'), each update stat's mean."""
-    prompts = [run.prompts[i] for i in prompt_index]
-    measures = {name: all_gather(fn(images, prompts).float().to(rewards.device)).mean().item()
-                for name, fn in run.measures.items()}
     return dict(reward_mean=rewards.mean().item(), **measures,
                 reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,  # 1 image: no spread
                 **{"kl": None, **{k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}},
@@ -557,7 +558,7 @@ def collect_supervised_data(run, args):
             chunk = chunk.to(run.cond.device)
             transitions, images = rollout(run.pipe, run.cond, run.uncond, chunk, args, run.generator)
             latents.append(transitions["next_latents"].unflatten(0, (len(chunk), -1))[:, -1])  # x_0
-            scores.append(score(run, images, chunk))
+            scores.append(score(run, images, chunk)[:2])
     rewards, everyone = (torch.cat(s) for s in zip(*scores))  # this rank's, all ranks'
     weight = (rewards - everyone.min()) / (everyone.max() - everyone.min()).clamp(min=1e-12)
     say(f"dpok: supervised data: {len(everyone)} images, reward {everyone.mean():.4f} "
@@ -591,14 +592,14 @@ def supervised_iteration(run, args):
     # 1. Fresh samples of the current model, only to measure the reward as DPOK's iterations do.
     prompt_index = next_prompts(run, args.samples_per_iter)
     _, images = rollout(run.pipe, run.cond, run.uncond, prompt_index, args, run.generator)
-    _, everyone = score(run, images, prompt_index)
+    _, everyone, measures = score(run, images, prompt_index)
     # 2. policy_steps updates on random batches of the fixed data set (no buffer, no value).
     updates = []
     for _ in range(args.policy_steps):
         batch = sample_batch(run.buffer, args.grad_accum * args.batch_size, run.generator)
         updates.append(update(run, batch, lambda micro: supervised_loss(
             run.pipe.unet, run.pipe.scheduler, micro, run.cond, args, run.generator), args))
-    return iteration_metrics(run, images, prompt_index, everyone, updates), images
+    return iteration_metrics(everyone, measures, updates), images
 
 
 # ---- The run around the iterations: output folder, checkpoints and resume, signals, logging.
@@ -808,8 +809,7 @@ def evaluate(args):
     prompts = read_prompts(args)
     check_writable(args.out)  # eval.json and eval.png may go beside the run they evaluate
     pipe = load_pipeline(args)
-    scorers = dict(reward=REWARDS[args.reward](args.device),  # then the held-out measures
-                   **MEASURES.get(args.reward, lambda device: {})(args.device))
+    scorers = dict(reward=REWARDS[args.reward](args.device), **MEASURES[args.reward](args.device))
     try:
         pipe.load_lora_weights(args.lora)
     except Exception as e:
@@ -955,7 +955,7 @@ def read_prompts(args):
         else:
             with open(args.prompts, encoding="utf-8") as f:
                 prompts = [line.strip() for line in f if line.strip()]
-        if args.reward == "shapes":  # a prompt that is not a shapes caption is bad input
+        if args.reward.startswith("shapes"):  # a prompt that is not a shapes caption is bad input
             [offline_world().parse_caption(p) for p in prompts]
     except UnicodeDecodeError:
         raise UsageError(f"prompts file is not UTF-8 text: {args.prompts}")

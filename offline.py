@@ -346,6 +346,41 @@ def shapes_reward(images, prompts):
     return (alignment - ALIGNMENT_MEAN) / ALIGNMENT_STD
 
 
+class LearnedReward(torch.nn.Module):
+    """The shapes world's ImageReward: a small CNN that scores an image (3, 32, 32) against its
+    caption, trained on the analyser's labels of the pretrained model's own samples (as
+    ImageReward was trained on people's ratings of model generations). The caption's three words
+    (number, colour, shape) are embedded and modulate the image features (FiLM)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        words = [*NUMBERS.values(), *PALETTE, *SHAPES]  # what parse_caption returns
+        self.index = {word: i for i, word in enumerate(words)}
+        self.words = torch.nn.Embedding(len(words), 2 * width)
+        self.conv = torch.nn.ModuleList([torch.nn.Conv2d(3, width, 3, padding=1),
+                                         torch.nn.Conv2d(width, width, 3, stride=2, padding=1),
+                                         torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)])
+        self.head = torch.nn.Sequential(torch.nn.Linear(2 * width * 16, 64), torch.nn.ReLU(),
+                                        torch.nn.Linear(64, 1))
+
+    def forward(self, images, prompts):
+        ids = torch.tensor([[self.index[word] for word in parse_caption(p)] for p in prompts])
+        film = self.words(ids.to(images.device)).sum(1)  # (B, 2 * width): scale and shift
+        h = images.float() * 2 - 1
+        for i, conv in enumerate(self.conv):
+            h = F.relu(conv(h))
+            if i == 1:
+                scale, shift = film.chunk(2, dim=1)
+                h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return self.head(F.adaptive_avg_pool2d(h, 4).flatten(1)).squeeze(1)
+
+
+# The held-out measures of the offline rewards (dpok.MEASURES), never trained on: the clean
+# fraction (fidelity) and, beside the learned reward, the analyser as the judge.
+MEASURES = {"shapes": dict(fidelity=clean_fraction),
+            "shapes-learned": dict(judge=shapes_reward, fidelity=clean_fraction)}
+
+
 def shapes_tokenizer():
     """A CLIPTokenizer in which every caption word is one token: start from no merges, and while a
     word splits, merge its first two pieces (BPE applies merges in order, so this converges)."""
@@ -458,6 +493,87 @@ def pretrain(out, vae_steps=600, unet_steps=1200, seed=0, device="cpu", data=163
     return log
 
 
+LEARNED_REWARD = "learned_reward"  # .safetensors (weights) and .json (training log) in tiny-shapes/
+
+
+def train_learned_reward(folder, seeds=48, held_out_seeds=12, epochs=60, seed=0):
+    """Train LearnedReward on the pretrained model's own samples, labelled by the analyser (the
+    standardised alignment of `shapes_reward`): every caption at `seeds` seeds (DDIM 20 steps,
+    guidance 4, eta 1: what --tiny samples), the last `held_out_seeds` of each caption kept out of
+    training to measure agreement. Saves the weights (half precision) and a log with the
+    agreement and the fixed constants that standardise its scores, as ImageReward's are."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for s in tqdm(range(seeds), desc="sampling the pretrained model"):
+        images.append(pipe(CAPTIONS, num_inference_steps=20, guidance_scale=4.0, eta=1.0,
+                           generator=torch.Generator().manual_seed(s), output_type="pt").images)
+    images = torch.stack(images)  # (seeds, captions, 3, 32, 32)
+    labels = torch.stack([shapes_reward(x, CAPTIONS) for x in images])  # (seeds, captions)
+    train = seeds - held_out_seeds
+    x, y = images[:train].flatten(0, 1), labels[:train].flatten()
+    prompts = CAPTIONS * train
+    torch.manual_seed(seed)
+    model = LearnedReward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(seed)
+    log = dict(seeds=seeds, held_out_seeds=held_out_seeds, epochs=epochs, seed=seed, loss=[])
+    for _ in tqdm(range(epochs), desc="training the learned reward"):
+        for batch in torch.randperm(len(x), generator=generator).split(64):
+            # the analyser does not see rotations and mirror images: neither should the model
+            k, flip = torch.randint(4, (2,), generator=generator).tolist()
+            inputs = torch.rot90(x[batch], k, dims=(2, 3))
+            inputs = inputs.flip(3) if flip % 2 else inputs
+            loss = F.mse_loss(model(inputs, [prompts[i] for i in batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            log["loss"].append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        fitted = model(x, prompts)
+        held = torch.stack([model(images[s], CAPTIONS) for s in range(train, seeds)])
+    log["standardise"] = dict(mean=fitted.mean().item(), std=fitted.std().item())
+    log["agreement"] = agreement(held, labels[train:])
+    log["agreement_on_training"] = agreement(fitted.view(train, -1), labels[:train])
+    save_file({k: v.half() for k, v in model.state_dict().items()},
+              os.path.join(folder, LEARNED_REWARD + ".safetensors"))
+    with open(os.path.join(folder, LEARNED_REWARD + ".json"), "w") as f:
+        json.dump(log, f)
+    return log
+
+
+def agreement(scores, labels):
+    """Of scores and analyser labels, each (seeds, captions): Pearson's r over all, and the
+    ranking accuracy over pairs of one caption's samples whose labels differ."""
+    r = torch.corrcoef(torch.stack([scores.flatten(), labels.flatten()]))[0, 1].item()
+    right = total = 0
+    for c in range(labels.shape[1]):
+        ds, dl = scores[:, c, None] - scores[None, :, c], labels[:, c, None] - labels[None, :, c]
+        mask = dl > 1e-6
+        right += (ds[mask] > 0).sum().item()
+        total += mask.sum().item()
+    return dict(pearson_r=r, ranking_accuracy=right / max(total, 1), pairs=total)
+
+
+def learned_reward(device="cpu", folder=TINY_DEFAULTS["model"]):
+    """The learned reward of the shapes world (`--reward shapes-learned`), from its shipped
+    weights: LearnedReward's score standardised by fixed constants of its training data."""
+    from safetensors.torch import load_file
+
+    model = LearnedReward()
+    model.load_state_dict({k: v.float() for k, v in
+                           load_file(os.path.join(folder, LEARNED_REWARD + ".safetensors")).items()})
+    model.to(device).eval()
+    with open(os.path.join(folder, LEARNED_REWARD + ".json")) as f:
+        constants = json.load(f)["standardise"]
+    return lambda images, prompts: (model(images.to(device), prompts) - constants["mean"]) / constants["std"]
+
+
 def breakdown(folder):
     """The analyser's scores, averaged, of the pretrained and fine-tuned rows of an --eval of the
     shapes world (`python offline.py --breakdown FOLDER` reads FOLDER/eval.json and eval.png)."""
@@ -491,8 +607,14 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--breakdown", metavar="FOLDER", help="analyse an --eval's eval.png instead")
+    parser.add_argument("--learned-reward-only", action="store_true",
+                        help="only (re)train the learned reward on the pretrained model in --out")
     args = parser.parse_args()
     if args.breakdown:
         breakdown(args.breakdown)
-    else:
-        pretrain(args.out, args.vae_steps, args.unet_steps, args.seed, args.device)
+    else:  # the model, then the learned reward on its samples
+        if not args.learned_reward_only:
+            pretrain(args.out, args.vae_steps, args.unet_steps, args.seed, args.device)
+        torch.set_num_threads(1)  # small enough: the same numbers on any number of cores
+        log = train_learned_reward(args.out, seed=args.seed)
+        print("learned reward, held-out samples:", log["agreement"])
