@@ -8,9 +8,10 @@ measured in one run, never timed tests.
 `--sd15` saves offline.sd15_pipeline (SD v1.5's exact architecture, random weights: speed and
 memory do not depend on their values) and loads it through dpok's own `--model PATH` path, with
 the official single-prompt settings: 10 images x 50 steps, guidance 7.5, value function on,
-beta 0.01, 5 policy updates of 12 micro-batches x 4 transitions. Rewards are image-reward's
-ImageReward and aesthetic predictor with their real architectures and random weights
-(offline.imagereward_model, offline.aesthetic_model).
+beta 0.01, 5 policy updates of 12 micro-batches x 4 transitions (on the CPU, a smoke test of
+2 images x 5 steps and one policy update per iteration unless --images/--steps say otherwise).
+Rewards are image-reward's ImageReward and aesthetic predictor with their real architectures
+and random weights (offline.imagereward_model, offline.aesthetic_model).
 
 One table per configuration, dtype x micro-batching (4 x 12, then 48 x 1: the same gradient),
 biggest last, so that running out of memory ends only the last ones. Per phase: seconds (best of
@@ -141,8 +142,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", help="default: bfloat16 float16 on a GPU; on the "
                         "CPU float32 (dpok's CPU default) and float16, which says it needs a GPU")
-    parser.add_argument("--images", type=int, help="images per iteration (default: the world's)")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: the world's)")
+    parser.add_argument("--images", type=int, help="images per iteration (default: the world's; "
+                        "--sd15 on the CPU: 2)")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the world's; --sd15 on the "
+                        "CPU: 5)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per phase after a warm-up")
     parser.add_argument("--no-imagereward", action="store_true",
                         help="skip ImageReward and the aesthetic score (rewards: compressibility)")
@@ -151,6 +154,8 @@ def main(argv=None):
     diffusers.utils.logging.disable_progress_bar()
     cuda = options.device.startswith("cuda")
     options.dtypes = options.dtypes or (["bfloat16", "float16"] if cuda else ["float32", "float16"])
+    if options.sd15 and not cuda:  # a smoke test: SD's UNet takes seconds per sample on 2 CPU cores
+        options.images, options.steps = options.images or 2, options.steps or 5
     with tempfile.TemporaryDirectory() as folder:
         if options.sd15:
             model = os.path.join(folder, "sd15")
@@ -162,6 +167,7 @@ def main(argv=None):
         model_args += ["--device", options.device, "--out", os.path.join(folder, "unused")]
         model_args += ["--samples-per-iter", str(options.images)] * bool(options.images)
         model_args += ["--steps", str(options.steps)] * bool(options.steps)
+        model_args += ["--policy-steps", "1"] * (options.sd15 and not cuda)  # CPU smoke test
         args = dpok.parse_args(model_args)
         images = torch.rand(args.samples_per_iter, 3, 512 if options.sd15 else 32,
                             512 if options.sd15 else 32, generator=torch.Generator().manual_seed(0))
