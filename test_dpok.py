@@ -168,7 +168,7 @@ def test_importance_ratio_is_one_at_the_first_update_in_half_precision(dtype, de
     if dtype == "float16" and device == "cpu":
         pytest.skip("float16 needs a GPU (pytest --device cuda)")
     args = tiny_args("--dtype", dtype, "--device", device, "--policy-steps", "1", "--ratio-clip",
-                     "1e-4", out=tmp_path)
+                     "1e-4", "--steps", "4", "--samples-per-iter", "4", out=tmp_path)
     run = dpok.setup(args, [PROMPT])
     assert run.scaler.is_enabled() == (dtype == "float16")
     metrics, _ = dpok.dpok_iteration(run, args)
