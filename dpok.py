@@ -455,13 +455,13 @@ def next_prompts(run, n):
     return chosen[rank * n:(rank + 1) * n]
 
 
-def score(run, images, prompt_index):
+def score(run, images, prompt_index, measured=True):
     """r(x_0, z) of this rank's images and all ranks' (non-finite: all stop); measures' means."""
     prompts = [run.prompts[i] for i in prompt_index]
     with torch.no_grad():
         rewards = run.reward_fn(images, prompts).float().to(run.cond.device)
         measures = {name: all_gather(fn(images, prompts).float().to(rewards.device)).mean().item()
-                    for name, fn in run.measures.items()}
+                    for name, fn in run.measures.items() if measured}
     everyone = all_gather(rewards)
     check_finite("reward", everyone.sum().item())
     return rewards, everyone, measures
@@ -558,7 +558,7 @@ def collect_supervised_data(run, args):
             chunk = chunk.to(run.cond.device)
             transitions, images = rollout(run.pipe, run.cond, run.uncond, chunk, args, run.generator)
             latents.append(transitions["next_latents"].unflatten(0, (len(chunk), -1))[:, -1])  # x_0
-            scores.append(score(run, images, chunk)[:2])
+            scores.append(score(run, images, chunk, measured=False)[:2])
     rewards, everyone = (torch.cat(s) for s in zip(*scores))  # this rank's, all ranks'
     weight = (rewards - everyone.min()) / (everyone.max() - everyone.min()).clamp(min=1e-12)
     say(f"dpok: supervised data: {len(everyone)} images, reward {everyone.mean():.4f} "

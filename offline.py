@@ -307,7 +307,7 @@ def analyse(images, prompts):
     of non-background pixels in the caption's colour), count (1 - |error| / 2 averaged over the
     objects found as is and after a 1-pixel erosion, which separates shapes joined by a thin
     neck: partial credit for nearly separated shapes), shape (mean shape_score of the objects),
-    exact (all three right), clean (fidelity: pixels within 0.25 of background or a palette
+    objects (how many were found, not in [0, 1]), exact (all three right), clean (fidelity: pixels within 0.25 of background or a palette
     colour)."""
     distance, labels = nearest_palette_colour(images)
     labels[distance > 0.5] = -1  # further than 128 of 255 levels from every colour: no colour
@@ -323,7 +323,7 @@ def analyse(images, prompts):
         shapes = [shape_score(crop, shape) for crop in found]
         scores.append(dict(
             colour=mask.sum().item() / max(foreground, 1), count=1 - min(error, 2) / 2,
-            shape=sum(shapes) / len(shapes) if shapes else 0.0))
+            shape=sum(shapes) / len(shapes) if shapes else 0.0, objects=len(found)))
         scores[-1]["exact"] = float(scores[-1]["colour"] > 0.9 and len(found) == count
                                     and all(s > 0.5 for s in shapes))
     for s, clean in zip(scores, (distance < 0.25).float().mean((1, 2)).tolist()):
@@ -574,27 +574,194 @@ def learned_reward(device="cpu", folder=TINY_DEFAULTS["model"]):
     return lambda images, prompts: (model(images.to(device), prompts) - constants["mean"]) / constants["std"]
 
 
-def breakdown(folder):
-    """The analyser's scores, averaged, of the pretrained and fine-tuned rows of an --eval of the
-    shapes world (`python offline.py --breakdown FOLDER` reads FOLDER/eval.json and eval.png)."""
+def eval_tiles(folder):
+    """The images of an --eval's eval.png: {(prompt, "pretrained" or "finetuned"): (n, 3, SIZE, SIZE)}."""
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
 
     with open(os.path.join(folder, "eval.json")) as f:
         evaluation = json.load(f)
-    results, n = evaluation["results"], evaluation["args"]["eval_samples"]
+    n = evaluation["args"]["eval_samples"]
     grid = to_tensor(Image.open(os.path.join(folder, "eval.png")).convert("RGB"))
-    table = {}
-    for p, row in enumerate(results):  # save_image's grid: tiles of SIZE with 2-pixel padding
+    tiles = {}
+    for p, row in enumerate(evaluation["results"]):  # save_image's grid: 2-pixel padding
         for k, name in enumerate(("pretrained", "finetuned")):
             top = 2 + (2 * p + k) * (SIZE + 2)
-            tiles = torch.stack([grid[:, top:top + SIZE, 2 + i * (SIZE + 2):2 + i * (SIZE + 2) + SIZE]
-                                 for i in range(n)])
-            scores = analyse(tiles, [row["prompt"]] * n)
-            table[row["prompt"], name] = {key: sum(s[key] for s in scores) / n for key in scores[0]}
-            print(f"{row['prompt']:24} {name:10}",
-                  " ".join(f"{key} {v:.3f}" for key, v in table[row["prompt"], name].items()))
+            tiles[row["prompt"], name] = torch.stack(
+                [grid[:, top:top + SIZE, 2 + i * (SIZE + 2):2 + i * (SIZE + 2) + SIZE] for i in range(n)])
+    return tiles
+
+
+def breakdown(folder, quiet=False):
+    """The analyser's scores, averaged, of the pretrained and fine-tuned rows of an --eval of the
+    shapes world (`python offline.py --breakdown FOLDER` reads FOLDER/eval.json and eval.png)."""
+    table = {}
+    for (prompt, name), images in eval_tiles(folder).items():
+        scores = analyse(images, [prompt] * len(images))
+        table[prompt, name] = {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
+        if not quiet:
+            print(f"{prompt:24} {name:10}", " ".join(f"{key} {v:.3f}" for key, v in table[prompt, name].items()))
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: every run, table and figure of the README's "Results", remade by one command
+#     python offline.py --results results --jobs 2
+# Runs go several at a time (each on cores / jobs threads), each a dpok.py process writing to
+# its own folder; a run whose evaluations exist is skipped, one interrupted resumes.
+
+RESULTS_PROMPT = "three green squares"  # the caption whose count the pretrained model gets most wrong
+BETAS = ("0", "0.01", "0.1", "1")
+
+
+def results_runs(seeds, horizon=300):
+    """name -> dict(reward, flags, evals): the dpok.py flags of each run and the iterations at
+    which it is evaluated. Seed-major, so that an interrupted command has whole seeds done."""
+    runs = {}
+    for seed in map(str, seeds):  # over-optimisation: the learned reward, evaluated along training
+        for beta in BETAS:
+            runs[f"learned_b{beta}_s{seed}"] = dict(
+                reward="shapes-learned", flags=["--kl-beta", beta, "--seed", seed],
+                evals=sorted({max(1, horizon * k // 4) for k in (1, 2, 3, 4)}))
+    for seed in map(str, seeds):  # DPOK vs supervised on the analyser, at equal reward queries
+        for beta in BETAS[:3]:
+            runs[f"shapes_b{beta}_s{seed}"] = dict(
+                reward="shapes", flags=["--kl-beta", beta, "--seed", seed], evals=[max(1, horizon // 2)])
+        runs[f"supervised_s{seed}"] = dict(reward="shapes", evals=[max(1, horizon // 2)], flags=[
+            "--supervised", "--supervised-samples", str(max(1, horizon // 2) * 16), "--seed", seed])
+    return runs
+
+
+def run_experiment(folder, spec, eval_samples, threads):
+    """Train to each evaluation point in turn (resuming, which is exact) and evaluate there on
+    the same eval_samples seeds (eval --seed 0) as every other run."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    dpok = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpok.py"),
+            "--tiny", "--prompt", RESULTS_PROMPT, "--reward", spec["reward"]]
+    with open(folder + ".log", "a") as log:
+        for k in spec["evals"]:
+            if os.path.exists(os.path.join(folder, f"eval_{k:04d}", "eval.json")):
+                continue
+            again = "--resume" if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "--overwrite"
+            for command in (dpok + spec["flags"] + ["--iterations", str(k), "--out", folder, again],
+                            dpok + ["--eval", "--lora", folder, "--eval-samples", str(eval_samples),
+                                    "--out", os.path.join(folder, f"eval_{k:04d}")]):
+                subprocess.run(command, stdout=log, stderr=log, env=env, check=True)
+
+
+def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64):
+    """Run every Results run not done yet, `jobs` at a time, then print the tables and draw the
+    figures; returns the tables' rows."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from tqdm import tqdm
+
+    runs = results_runs(seeds, horizon)
+    todo = {name: spec for name, spec in runs.items() if not all(os.path.exists(os.path.join(
+        out, name, f"eval_{k:04d}", "eval.json")) for k in spec["evals"])}
+    os.makedirs(out, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(run_experiment, os.path.join(out, name), spec, eval_samples, threads):
+                   name for name, spec in todo.items()}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="results runs"):
+            if future.exception() is not None:  # the run's log says why; the others go on
+                print(f"{futures[future]} failed ({future.exception()}); see {out}/{futures[future]}.log")
+    return results_tables(out, runs, seeds)
+
+
+def mean_std(values):
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
+
+
+def results_tables(out, runs, seeds):
+    """The README's tables (mean +- standard deviation over seeds) and figures, from the runs'
+    eval.json files and eval grids."""
+    evals = {}  # (run without seed, iteration) -> list over seeds of dict(eval row + breakdown)
+    for name, spec in runs.items():
+        for k in spec["evals"]:
+            folder = os.path.join(out, name, f"eval_{k:04d}")
+            if not os.path.exists(os.path.join(folder, "eval.json")):
+                continue
+            with open(os.path.join(folder, "eval.json")) as f:
+                row = json.load(f)["results"][0]
+            analysed = breakdown(folder, quiet=True)
+            for when in ("pretrained", "finetuned"):
+                row.update({f"{key}_{when}": v for key, v in analysed[RESULTS_PROMPT, when].items()})
+            evals.setdefault((name.rsplit("_s", 1)[0], k), []).append(row)
+
+    def cell(rows, key):  # one seed: no spread to show
+        mean, std = mean_std([r[key] for r in rows])
+        return f"{mean:{'+' if key.endswith('gain') else ''}.3f}" + f" ± {std:.3f}" * (len(rows) > 1)
+
+    last = {run: max(k for r, k in evals if r == run) for run, _ in evals}
+    tables = {}
+    for title, kinds, keys in (
+            ("Over-optimisation: DPOK with the learned reward", ("learned_b",), [
+                ("learned reward gain", "reward_gain"), ("judge gain", "judge_gain"),
+                ("count", "count_finetuned"), ("objects found", "objects_finetuned"),
+                ("exact", "exact_finetuned"), ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]),
+            ("DPOK and supervised with the analyser's reward", ("shapes_b", "supervised"), [
+                ("alignment gain", "reward_gain"), ("count", "count_finetuned"), ("exact", "exact_finetuned"),
+                ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")])):
+        final = {run: evals[run, k] for run, k in last.items() if run.startswith(kinds)}
+        if not final:
+            continue
+        pre = next(iter(final.values()))[0]  # every run's eval has the same pretrained samples
+        print(f"\n{title} (mean ± std over seeds)\n\n| run | iterations | seeds | "
+              + " | ".join(name for name, _ in keys) + " |\n|" + "---|" * (len(keys) + 3))
+        print("| pretrained | 0 | | " + " | ".join(
+            "0" if key == "kl_bound" else f"({pre[key.replace('gain', 'pretrained')]:.3f})"
+            if key.endswith("gain") else f"{pre[key.replace('finetuned', 'pretrained')]:.3f}"
+            for _, key in keys) + " |")
+        for run, rows in final.items():
+            print(f"| {run} | {last[run]} | {len(rows)} | " + " | ".join(cell(rows, key) for _, key in keys) + " |")
+        tables[title] = final
+    if any(run.startswith("learned") for run, _ in evals):
+        overoptimisation_figure(out, evals)
+    return tables
+
+
+def overoptimisation_figure(out, evals):
+    """Gao et al. (2022)'s figure in miniature: the learned reward and the judge of the samples
+    against the KL bound from the pretrained model, one line per beta, a point per evaluation
+    (mean +- std over seeds); and an eval grid: pretrained / beta 0 / the beta whose judge gained
+    most, the first 16 eval seeds of training seed 0, 4x nearest."""
+    from matplotlib.figure import Figure
+    from torchvision.utils import save_image
+
+    figure = Figure(figsize=(10, 4))
+    best, best_judge = None, -float("inf")
+    for ax, key, label in zip(figure.subplots(1, 2), ("reward", "judge"),
+                              ("learned reward (trained on)", "judge: the analyser (held out)")):
+        for beta in BETAS:
+            points = sorted((k, rows) for (run, k), rows in evals.items() if run == f"learned_b{beta}")
+            if not points:
+                continue
+            pre = mean_std([r[f"{key}_pretrained"] for r in points[0][1]])[0]
+            x = [(0.0, 0.0)] + [mean_std([r["kl_bound"] for r in rows]) for _, rows in points]
+            y = [(pre, 0.0)] + [mean_std([r[f"{key}_finetuned"] for r in rows]) for _, rows in points]
+            ax.errorbar([m for m, _ in x], [m for m, _ in y], xerr=[s for _, s in x],
+                        yerr=[s for _, s in y], marker="o", capsize=2, label=f"β = {beta}")
+            if key == "judge" and y[-1][0] > best_judge and beta != "0":
+                best, best_judge = beta, y[-1][0]
+        ax.set_xscale("function", functions=(lambda v: v.clip(0) ** 0.5, lambda v: v**2))
+        ax.set(xlabel="KL bound from the pretrained model (nats, square-root axis)", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.savefig(os.path.join(out, "overoptimisation.png"), dpi=100, bbox_inches="tight")
+    last = {run: max(k for r, k in evals if r == run) for run, _ in evals}
+    rows = []
+    for run in ("learned_b0", f"learned_b{best}"):
+        if run in last and os.path.exists(folder := os.path.join(out, run + "_s0", f"eval_{last[run]:04d}")):
+            tiles = eval_tiles(folder)
+            rows += [tiles[RESULTS_PROMPT, "pretrained"][:16]] * (not rows) + [tiles[RESULTS_PROMPT, "finetuned"][:16]]
+    if rows:
+        grid = F.interpolate(torch.cat(rows), scale_factor=4, mode="nearest")
+        save_image(grid, os.path.join(out, "overoptimisation_eval.png"), nrow=min(16, len(rows[0])), pad_value=1)
 
 
 if __name__ == "__main__":
@@ -609,8 +776,17 @@ if __name__ == "__main__":
     parser.add_argument("--breakdown", metavar="FOLDER", help="analyse an --eval's eval.png instead")
     parser.add_argument("--learned-reward-only", action="store_true",
                         help="only (re)train the learned reward on the pretrained model in --out")
+    parser.add_argument("--results", metavar="FOLDER",
+                        help="remake every run, table and figure of the README's Results in FOLDER")
+    parser.add_argument("--jobs", type=int, default=2, help="--results: runs at a time")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--results: seeds")
+    parser.add_argument("--horizon", type=int, default=300,
+                        help="--results: iterations of the learned-reward runs (the others: half)")
+    parser.add_argument("--eval-samples", type=int, default=64, help="--results: eval seeds")
     args = parser.parse_args()
-    if args.breakdown:
+    if args.results:
+        reproduce(args.results, args.seeds, args.jobs, args.horizon, args.eval_samples)
+    elif args.breakdown:
         breakdown(args.breakdown)
     else:  # the model, then the learned reward on its samples
         if not args.learned_reward_only:

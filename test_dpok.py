@@ -416,8 +416,9 @@ def test_analyser_is_right_on_clean_renders_of_every_caption():
     generator = torch.Generator().manual_seed(0)
     captions = offline.CAPTIONS * 10
     images = torch.stack([offline.render(c, generator) for c in captions])
-    for scores in offline.analyse(images, captions):
-        assert scores == dict(colour=1.0, count=1.0, shape=1.0, exact=1.0, clean=1.0)
+    for scores, caption in zip(offline.analyse(images, captions), captions):
+        assert scores == dict(colour=1.0, count=1.0, shape=1.0, objects=offline.parse_caption(caption)[0],
+                              exact=1.0, clean=1.0)
     reward = offline.shapes_reward(images[:2], captions[:2])  # standardised by fixed constants
     torch.testing.assert_close(reward, torch.full((2,), (1 - offline.ALIGNMENT_MEAN)
                                                   / offline.ALIGNMENT_STD))
@@ -996,6 +997,29 @@ def test_lora_file_is_an_ordinary_file(tmp_path):
     mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777
     assert mode("pytorch_lora_weights.safetensors") == mode("ordinary.txt")
     assert sorted(os.listdir(tmp_path)) == ["ordinary.txt", "pytorch_lora_weights.safetensors"]
+
+
+def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkeypatch, capsys):
+    """`python offline.py --results` in a reduced form (2 betas, 1 seed, 2 iterations, 4 eval
+    seeds): every run evaluated at its points, the tables and figures; a second call runs nothing."""
+    monkeypatch.setattr(offline, "BETAS", ("0", "1"))
+    tables = offline.reproduce(str(tmp_path), seeds=[0], jobs=2, horizon=2, eval_samples=4)
+    runs = offline.results_runs([0], horizon=2)
+    assert sorted(runs) == ["learned_b0_s0", "learned_b1_s0", "shapes_b0_s0", "shapes_b1_s0", "supervised_s0"]
+    for name, spec in runs.items():
+        for k in spec["evals"]:  # learned: [1, 2] (a quarter of the horizon each); others: [1]
+            result = json.load(open(tmp_path / name / f"eval_{k:04d}" / "eval.json"))["results"][0]
+            assert result["prompt"] == offline.RESULTS_PROMPT and result["kl_bound"] > 0
+    assert runs["learned_b0_s0"]["evals"] == [1, 2]
+    learned = tables["Over-optimisation: DPOK with the learned reward"]
+    assert set(learned) == {"learned_b0", "learned_b1"} and "judge_gain" in learned["learned_b0"][0]
+    out = capsys.readouterr().out
+    assert "| learned_b1 | 2 | 1 |" in out and "| supervised | 1 | 1 |" in out
+    assert (tmp_path / "overoptimisation.png").exists() and (tmp_path / "overoptimisation_eval.png").exists()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in runs}
+    start = time.time()
+    assert offline.reproduce(str(tmp_path), seeds=[0], jobs=2, horizon=2, eval_samples=4).keys() == tables.keys()
+    assert time.time() - start < 30 and logs == {name: (tmp_path / f"{name}.log").read_text() for name in runs}
 
 
 # ---------------------------------------------------------------------------------------------
