@@ -663,12 +663,18 @@ def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64):
         out, name, f"eval_{k:04d}", "eval.json")) for k in spec["evals"])}
     os.makedirs(out, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(run_experiment, os.path.join(out, name), spec, eval_samples, threads):
-                   name for name, spec in todo.items()}
+    pool = ThreadPoolExecutor(jobs)
+    futures = {pool.submit(run_experiment, os.path.join(out, name), spec, eval_samples, threads):
+               name for name, spec in todo.items()}
+    try:
         for future in tqdm(as_completed(futures), total=len(futures), desc="results runs"):
             if future.exception() is not None:  # the run's log says why; the others go on
                 print(f"{futures[future]} failed ({future.exception()}); see {out}/{futures[future]}.log")
+    except KeyboardInterrupt:  # Ctrl-C reached the runs too: each saves a checkpoint and stops
+        pool.shutdown(cancel_futures=True)
+        raise SystemExit("interrupted: the runs in flight saved a checkpoint; the same command "
+                         "continues them and skips what is done")
+    pool.shutdown()
     return results_tables(out, runs, seeds)
 
 
@@ -749,7 +755,7 @@ def overoptimisation_figure(out, evals):
             if key == "judge" and y[-1][0] > best_judge and beta != "0":
                 best, best_judge = beta, y[-1][0]
         ax.set_xscale("function", functions=(lambda v: v.clip(0) ** 0.5, lambda v: v**2))
-        ax.set(xlabel="KL bound from the pretrained model (nats, square-root axis)", ylabel=label)
+        ax.set(xlabel="KL bound from the pretrained model (nats, √ axis)", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend()
     figure.savefig(os.path.join(out, "overoptimisation.png"), dpi=100, bbox_inches="tight")
