@@ -733,29 +733,38 @@ def results_tables(out, runs, seeds):
 
 def overoptimisation_figure(out, evals):
     """Gao et al. (2022)'s figure in miniature: the learned reward and the judge of the samples
-    against the KL bound from the pretrained model, one line per beta, a point per evaluation
-    (mean +- std over seeds); and an eval grid: pretrained / beta 0 / the beta whose judge gained
+    against the KL bound from the pretrained model (and below, against the iteration), one line
+    per beta, a point per evaluation (mean +- std over seeds); and an eval grid: pretrained / beta 0 / the beta whose judge gained
     most, the first 16 eval seeds of training seed 0, 4x nearest."""
     from matplotlib.figure import Figure
     from torchvision.utils import save_image
 
-    figure = Figure(figsize=(10, 4))
+    figure = Figure(figsize=(10, 8))
+    axes = figure.subplots(2, 2)  # columns: reward, judge; rows: against the KL, the iteration
     best, best_judge = None, -float("inf")
-    for ax, key, label in zip(figure.subplots(1, 2), ("reward", "judge"),
-                              ("learned reward (trained on)", "judge: the analyser (held out)")):
+    for column, key in enumerate(("reward", "judge")):
         for beta in BETAS:
             points = sorted((k, rows) for (run, k), rows in evals.items() if run == f"learned_b{beta}")
             if not points:
                 continue
             pre = mean_std([r[f"{key}_pretrained"] for r in points[0][1]])[0]
-            x = [(0.0, 0.0)] + [mean_std([r["kl_bound"] for r in rows]) for _, rows in points]
             y = [(pre, 0.0)] + [mean_std([r[f"{key}_finetuned"] for r in rows]) for _, rows in points]
-            ax.errorbar([m for m, _ in x], [m for m, _ in y], xerr=[s for _, s in x],
-                        yerr=[s for _, s in y], marker="o", capsize=2, label=f"β = {beta}")
+            for row, x in enumerate(([(0.0, 0.0)] + [mean_std([r["kl_bound"] for r in rows]) for _, rows in points],
+                                     [(0, 0.0)] + [(k, 0.0) for k, _ in points])):
+                axes[row, column].errorbar(
+                    [m for m, _ in x], [m for m, _ in y], xerr=[s for _, s in x], yerr=[s for _, s in y],
+                    marker="o", capsize=2, label=f"β = {beta}")
             if key == "judge" and y[-1][0] > best_judge and beta != "0":
                 best, best_judge = beta, y[-1][0]
-        ax.set_xscale("function", functions=(lambda v: v.clip(0) ** 0.5, lambda v: v**2))
-        ax.set(xlabel="KL bound from the pretrained model (nats, √ axis)", ylabel=label)
+    for i, ax in enumerate(axes.flat):
+        row, column = divmod(i, 2)
+        if row == 0:  # Gao et al. plot against the square root of the KL; ticks at squares
+            ax.set_xscale("function", functions=(lambda v: v.clip(0) ** 0.5, lambda v: v**2))
+            top = max(ax.get_xlim()[1], 1) ** 0.5
+            step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500) if top / s <= 6)
+            ax.set_xticks([(k * step) ** 2 for k in range(int(top / step) + 1)])
+        ax.set(xlabel=("KL bound from the pretrained model (nats, √ axis)", "iteration")[row],
+               ylabel=("learned reward (trained on)", "judge: the analyser (held out)")[column])
         ax.grid(alpha=0.3)
         ax.legend()
     figure.savefig(os.path.join(out, "overoptimisation.png"), dpi=100, bbox_inches="tight")
