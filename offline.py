@@ -693,7 +693,7 @@ def results_tables(out, runs, seeds):
             if not os.path.exists(os.path.join(folder, "eval.json")):
                 continue
             with open(os.path.join(folder, "eval.json")) as f:
-                row = json.load(f)["results"][0]
+                row = dict(json.load(f)["results"][0], folder=folder)
             analysed = breakdown(folder, quiet=True)
             for when in ("pretrained", "finetuned"):
                 row.update({f"{key}_{when}": v for key, v in analysed[RESULTS_PROMPT, when].items()})
@@ -727,8 +727,31 @@ def results_tables(out, runs, seeds):
             print(f"| {run} | {last[run]} | {len(rows)} | " + " | ".join(cell(rows, key) for _, key in keys) + " |")
         tables[title] = final
     if any(run.startswith("learned") for run, _ in evals):
+        hack_table({run: [r["folder"] for r in rows] for run, rows in tables[
+            "Over-optimisation: DPOK with the learned reward"].items()})
         overoptimisation_figure(out, evals)
     return tables
+
+
+def hack_table(folders):
+    """What the learned reward and the judge say of eval samples with 1, 2, 3 and 4+ objects
+    found (pooled over seeds): does the reward rate a wrong count as the judge does?"""
+    reward = learned_reward()
+    groups = {}  # (run, objects) -> [(learned, judge)]
+    for run, paths in [("pretrained", list(folders.values())[0][:1]), *folders.items()]:
+        for path in paths:
+            images = eval_tiles(path)[RESULTS_PROMPT, "pretrained" if run == "pretrained" else "finetuned"]
+            prompts = [RESULTS_PROMPT] * len(images)
+            scores = torch.stack([reward(images, prompts), shapes_reward(images, prompts)], 1)
+            for s, score in zip(analyse(images, prompts), scores.tolist()):
+                groups.setdefault((run, min(s["objects"], 4)), []).append(score)
+    print("\nLearned reward / judge by the number of objects found (images: mean learned reward / "
+          "mean judge), last evaluation, seeds pooled\n\n| run | 1 | 2 | 3 | 4 or more |\n|---|---|---|---|---|")
+    for run in ["pretrained", *folders]:
+        print(f"| {run} | " + " | ".join(
+            f"{len(g)}: {sum(a for a, _ in g) / len(g):+.2f} / {sum(b for _, b in g) / len(g):+.2f}"
+            if (g := groups.get((run, n))) else "0" for n in (1, 2, 3, 4)) + " |")
+    return groups
 
 
 def overoptimisation_figure(out, evals):
