@@ -612,12 +612,16 @@ def breakdown(folder, quiet=False):
 
 RESULTS_PROMPT = "three green squares"  # the caption whose count the pretrained model gets most wrong
 BETAS = ("0", "0.01", "0.1", "1")
+# The supervised baseline's own calibration (learning rate, gamma = its KL weight; the paper
+# swept gamma over 0.1-5 and ran it at twice the RL learning rate), at the first seed.
+SUPERVISED_GRID = [(lr, gamma) for lr in ("3e-5", "1e-4", "3e-4") for gamma in ("0.1", "1", "5")]
 
 
-def results_runs(seeds, horizon=300):
+def results_runs(seeds, horizon=300, out=None):
     """name -> dict(reward, flags, evals): the dpok.py flags of each run and the iterations at
-    which it is evaluated. Seed-major, so that an interrupted command has whole seeds done."""
-    runs = {}
+    which it is evaluated. Seed-major, so that an interrupted command has whole seeds done. Once
+    the baseline's calibration is evaluated in `out`, its best setting joins at the other seeds."""
+    runs, half = {}, max(1, horizon // 2)
     for seed in map(str, seeds):  # over-optimisation: the learned reward, evaluated along training
         for beta in BETAS:
             runs[f"learned_b{beta}_s{seed}"] = dict(
@@ -626,9 +630,19 @@ def results_runs(seeds, horizon=300):
     for seed in map(str, seeds):  # DPOK vs supervised on the analyser, at equal reward queries
         for beta in BETAS[:3]:
             runs[f"shapes_b{beta}_s{seed}"] = dict(
-                reward="shapes", flags=["--kl-beta", beta, "--seed", seed], evals=[max(1, horizon // 2)])
-        runs[f"supervised_s{seed}"] = dict(reward="shapes", evals=[max(1, horizon // 2)], flags=[
-            "--supervised", "--supervised-samples", str(max(1, horizon // 2) * 16), "--seed", seed])
+                reward="shapes", flags=["--kl-beta", beta, "--seed", seed], evals=[half])
+
+    def add_supervised(lr, gamma, seed):
+        runs[f"supervised_lr{lr}_g{gamma}_s{seed}"] = dict(reward="shapes", evals=[half], flags=[
+            "--supervised", "--supervised-samples", str(half * 16), "--lr", lr, "--kl-beta", gamma,
+            "--seed", str(seed)])
+        return os.path.join(out or "", f"supervised_lr{lr}_g{gamma}_s{seed}", f"eval_{half:04d}", "eval.json")
+
+    calibration = [add_supervised(lr, gamma, seeds[0]) for lr, gamma in SUPERVISED_GRID]
+    if out is not None and all(map(os.path.exists, calibration)):
+        gains = [json.load(open(path))["results"][0]["reward_gain"] for path in calibration]
+        for seed in seeds[1:]:
+            add_supervised(*SUPERVISED_GRID[gains.index(max(gains))], seed)
     return runs
 
 
@@ -658,23 +672,24 @@ def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64):
     from concurrent.futures import ThreadPoolExecutor, as_completed
     from tqdm import tqdm
 
-    runs = results_runs(seeds, horizon)
-    todo = {name: spec for name, spec in runs.items() if not all(os.path.exists(os.path.join(
-        out, name, f"eval_{k:04d}", "eval.json")) for k in spec["evals"])}
     os.makedirs(out, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    pool = ThreadPoolExecutor(jobs)
-    futures = {pool.submit(run_experiment, os.path.join(out, name), spec, eval_samples, threads):
-               name for name, spec in todo.items()}
-    try:
-        for future in tqdm(as_completed(futures), total=len(futures), desc="results runs"):
-            if future.exception() is not None:  # the run's log says why; the others go on
-                print(f"{futures[future]} failed ({future.exception()}); see {out}/{futures[future]}.log")
-    except KeyboardInterrupt:  # Ctrl-C reached the runs too: each saves a checkpoint and stops
-        pool.shutdown(cancel_futures=True)
-        raise SystemExit("interrupted: the runs in flight saved a checkpoint; the same command "
-                         "continues them and skips what is done")
-    pool.shutdown()
+    for _ in range(2):  # the second pass: the calibrated baseline at the other seeds
+        runs = results_runs(seeds, horizon, out)
+        todo = {name: spec for name, spec in runs.items() if not all(os.path.exists(os.path.join(
+            out, name, f"eval_{k:04d}", "eval.json")) for k in spec["evals"])}
+        pool = ThreadPoolExecutor(jobs)
+        futures = {pool.submit(run_experiment, os.path.join(out, name), spec, eval_samples, threads):
+                   name for name, spec in todo.items()}
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="results runs"):
+                if future.exception() is not None:  # the run's log says why; the others go on
+                    print(f"{futures[future]} failed ({future.exception()}); see {out}/{futures[future]}.log")
+        except KeyboardInterrupt:  # Ctrl-C reached the runs too: each saves a checkpoint and stops
+            pool.shutdown(cancel_futures=True)
+            raise SystemExit("interrupted: the runs in flight saved a checkpoint; the same command "
+                             "continues them and skips what is done")
+        pool.shutdown()
     return results_tables(out, runs, seeds)
 
 

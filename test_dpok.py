@@ -1003,9 +1003,11 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
     """`python offline.py --results` in a reduced form (2 betas, 1 seed, 2 iterations, 4 eval
     seeds): every run evaluated at its points, the tables and figures; a second call runs nothing."""
     monkeypatch.setattr(offline, "BETAS", ("0", "1"))
+    monkeypatch.setattr(offline, "SUPERVISED_GRID", [("3e-4", "1")])
     tables = offline.reproduce(str(tmp_path), seeds=[0], jobs=2, horizon=2, eval_samples=4)
     runs = offline.results_runs([0], horizon=2)
-    assert sorted(runs) == ["learned_b0_s0", "learned_b1_s0", "shapes_b0_s0", "shapes_b1_s0", "supervised_s0"]
+    assert sorted(runs) == ["learned_b0_s0", "learned_b1_s0", "shapes_b0_s0", "shapes_b1_s0",
+                            "supervised_lr3e-4_g1_s0"]
     for name, spec in runs.items():
         for k in spec["evals"]:  # learned: [1, 2] (a quarter of the horizon each); others: [1]
             result = json.load(open(tmp_path / name / f"eval_{k:04d}" / "eval.json"))["results"][0]
@@ -1014,12 +1016,28 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
     learned = tables["Over-optimisation: DPOK with the learned reward"]
     assert set(learned) == {"learned_b0", "learned_b1"} and "judge_gain" in learned["learned_b0"][0]
     out = capsys.readouterr().out
-    assert "| learned_b1 | 2 | 1 |" in out and "| supervised | 1 | 1 |" in out
+    assert "| learned_b1 | 2 | 1 |" in out and "| supervised_lr3e-4_g1 | 1 | 1 |" in out
     assert (tmp_path / "overoptimisation.png").exists() and (tmp_path / "overoptimisation_eval.png").exists()
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in runs}
     start = time.time()
     assert offline.reproduce(str(tmp_path), seeds=[0], jobs=2, horizon=2, eval_samples=4).keys() == tables.keys()
     assert time.time() - start < 30 and logs == {name: (tmp_path / f"{name}.log").read_text() for name in runs}
+
+
+def test_results_calibrate_the_baseline_at_the_first_seed_then_run_its_best_at_the_others(tmp_path):
+    grid = offline.SUPERVISED_GRID
+    first = offline.results_runs([0, 1, 2], horizon=300, out=str(tmp_path))
+    assert [n for n in first if n.startswith("supervised")] == [
+        f"supervised_lr{lr}_g{gamma}_s0" for lr, gamma in grid]  # not calibrated yet: seed 0 only
+    assert first[f"supervised_lr{grid[0][0]}_g{grid[0][1]}_s0"]["flags"][:6] == [
+        "--supervised", "--supervised-samples", "2400", "--lr", grid[0][0], "--kl-beta"]  # = DPOK's queries
+    for i, (lr, gamma) in enumerate(grid):  # the fourth setting gains most
+        os.makedirs(tmp_path / f"supervised_lr{lr}_g{gamma}_s0" / "eval_0150")
+        json.dump({"results": [{"reward_gain": 1.0 if i == 3 else 0.1 * i}]},
+                  open(tmp_path / f"supervised_lr{lr}_g{gamma}_s0" / "eval_0150" / "eval.json", "w"))
+    then = offline.results_runs([0, 1, 2], horizon=300, out=str(tmp_path))
+    lr, gamma = grid[3]
+    assert set(then) - set(first) == {f"supervised_lr{lr}_g{gamma}_s1", f"supervised_lr{lr}_g{gamma}_s2"}
 
 
 # ---------------------------------------------------------------------------------------------
