@@ -5,7 +5,10 @@
   component types on them from scratch (`python offline.py` remakes the shipped `tiny-shapes/`
   folder, about 8 minutes on 2 CPU cores); `shapes_reward` judges prompt alignment with an
   analyser that needs no weights, and `clean_fraction` is its fidelity measure. `TINY_DEFAULTS`
-  are the hyperparameters `--tiny` trains with.
+  are the hyperparameters `--tiny` trains with. `LearnedReward` is its learned reward
+  (`--reward shapes-learned`), fitted to the analyser's scores of the pretrained model's samples.
+- The README's Results, remade by one command: `python offline.py --results FOLDER`
+  (`reproduce`: the runs, several at a time, then the tables and figures).
 - `sd15_pipeline`: a random pipeline with Stable Diffusion v1.5's exact architecture, tokenizer
   and scheduler config, to run the real `--model PATH` code path without the weights (tests on
   CPU at a small latent size; speed and memory at 64x64 latents on a GPU).
