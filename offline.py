@@ -639,7 +639,7 @@ def results_runs(seeds, horizon=300, out=None):
         runs[f"supervised_lr{lr}_g{gamma}_s{seed}"] = dict(reward="shapes", evals=[half], flags=[
             "--supervised", "--supervised-samples", str(half * 16), "--lr", lr, "--kl-beta", gamma,
             "--seed", str(seed)])
-        return os.path.join(out or "", f"supervised_lr{lr}_g{gamma}_s{seed}", f"eval_{half:04d}", "eval.json")
+        return evaluated(os.path.join(out or "", f"supervised_lr{lr}_g{gamma}_s{seed}"), half)
 
     calibration = [add_supervised(lr, gamma, seeds[0]) for lr, gamma in SUPERVISED_GRID]
     if out is not None and all(map(os.path.exists, calibration)):
@@ -647,6 +647,11 @@ def results_runs(seeds, horizon=300, out=None):
         for seed in seeds[1:]:
             add_supervised(*SUPERVISED_GRID[gains.index(max(gains))], seed)
     return runs
+
+
+def evaluated(folder, k):
+    """The eval.json of a Results run's evaluation at iteration k (it exists once that is done)."""
+    return os.path.join(folder, f"eval_{k:04d}", "eval.json")
 
 
 def run_experiment(folder, spec, eval_samples, threads):
@@ -660,12 +665,12 @@ def run_experiment(folder, spec, eval_samples, threads):
             "--tiny", "--prompt", RESULTS_PROMPT, "--reward", spec["reward"]]
     with open(folder + ".log", "a") as log:
         for k in spec["evals"]:
-            if os.path.exists(os.path.join(folder, f"eval_{k:04d}", "eval.json")):
+            if os.path.exists(evaluated(folder, k)):
                 continue
             again = "--resume" if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "--overwrite"
             for command in (dpok + spec["flags"] + ["--iterations", str(k), "--out", folder, again],
                             dpok + ["--eval", "--lora", folder, "--eval-samples", str(eval_samples),
-                                    "--out", os.path.join(folder, f"eval_{k:04d}")]):
+                                    "--out", os.path.dirname(evaluated(folder, k))]):
                 subprocess.run(command, stdout=log, stderr=log, env=env, check=True)
 
 
@@ -679,8 +684,8 @@ def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64):
     threads = max(1, (os.cpu_count() or 1) // jobs)
     for _ in range(2):  # the second pass: the calibrated baseline at the other seeds
         runs = results_runs(seeds, horizon, out)
-        todo = {name: spec for name, spec in runs.items() if not all(os.path.exists(os.path.join(
-            out, name, f"eval_{k:04d}", "eval.json")) for k in spec["evals"])}
+        todo = {name: spec for name, spec in runs.items()
+                if not all(os.path.exists(evaluated(os.path.join(out, name), k)) for k in spec["evals"])}
         pool = ThreadPoolExecutor(jobs)
         futures = {pool.submit(run_experiment, os.path.join(out, name), spec, eval_samples, threads):
                    name for name, spec in todo.items()}
@@ -693,7 +698,7 @@ def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64):
             raise SystemExit("interrupted: the runs in flight saved a checkpoint; the same command "
                              "continues them and skips what is done")
         pool.shutdown()
-    return results_tables(out, runs, seeds)
+    return results_tables(out, runs)
 
 
 def mean_std(values):
@@ -701,16 +706,17 @@ def mean_std(values):
     return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
 
 
-def results_tables(out, runs, seeds):
+def results_tables(out, runs):
     """The README's tables (mean +- standard deviation over seeds) and figures, from the runs'
     eval.json files and eval grids."""
     evals = {}  # (run without seed, iteration) -> list over seeds of dict(eval row + breakdown)
     for name, spec in runs.items():
         for k in spec["evals"]:
-            folder = os.path.join(out, name, f"eval_{k:04d}")
-            if not os.path.exists(os.path.join(folder, "eval.json")):
+            path = evaluated(os.path.join(out, name), k)
+            if not os.path.exists(path):
                 continue
-            with open(os.path.join(folder, "eval.json")) as f:
+            folder = os.path.dirname(path)
+            with open(path) as f:
                 row = dict(json.load(f)["results"][0], folder=folder)
             analysed = breakdown(folder, quiet=True)
             for when in ("pretrained", "finetuned"):
