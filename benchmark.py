@@ -81,6 +81,7 @@ def configuration(options, model_args, dtype, batch_size, grad_accum, scorers):
                             "--grad-accum", str(grad_accum)])
     cuda, repeats = options.device.startswith("cuda"), options.repeats
     run = dpok.setup(args, [args.prompt])
+    run.pipe.set_progress_bar_config(disable=True)  # its own call, measured below
     if scorers[0] is not None:  # ImageReward and the aesthetic score, as the real run has them
         run.reward_fn, run.measures = scorers
     n, rows = args.samples_per_iter, {}

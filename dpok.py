@@ -134,7 +134,6 @@ def load_pipeline(args):
             f"cannot load model {args.model!r} ({type(e).__name__}); download it once with "
             f"`huggingface-cli download {args.model}` while online, or run offline with --tiny")
     pipe.to(args.device, dtype)
-    pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     return pipe
@@ -240,8 +239,7 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
         x, log_prob = ddim_step_logprob(scheduler, eps, t, x, args.eta, generator=generator)
         latents.append(x)
         log_probs.append(log_prob)
-        if keep_eps:
-            eps_seen.append(eps)
+        eps_seen.append(eps)  # returned only with keep_eps
     latents = torch.stack(latents, dim=1)  # (B, T + 1, 4, h, w)
     keep = ddim_coefficients(scheduler, scheduler.timesteps, args.eta)[2].to(pipe.device) > 0  # (T,)
     transitions = dict(
@@ -363,8 +361,7 @@ def policy_loss(unet, scheduler, batch, cond, uncond, args):
     stats = dict(ratio=ratio.mean().item(), clipfrac=(ratio != clipped).float().mean().item())
     if args.kl_beta > 0:  # no second UNet pass when the estimator does not need it
         with pretrained_model(unet), torch.no_grad():
-            eps_pre = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond,
-                                 args.guidance)
+            eps_pre = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond, args.guidance)
         kl = kl_regulariser(eps, eps_pre)
         loss = loss + args.kl_beta * kl
         stats["kl"] = kl.mean().item()
@@ -550,12 +547,12 @@ def check_finite(name, value):
 def collect_supervised_data(run, args):
     """--supervised-samples images per prompt (per rank) from the pretrained model, scored once;
     the loss needs non-negative weights: rewards min-max normalised to [0, 1] (deviation 9)."""
-    index = torch.arange(len(run.prompts)).repeat_interleave(args.supervised_samples)
+    index = torch.arange(len(run.prompts), device=run.cond.device).repeat_interleave(
+        args.supervised_samples)
     latents, scores = [], []
     with pretrained_model(run.pipe.unet):
         for chunk in tqdm(index.split(args.samples_per_iter), desc="sampling data", leave=False,
                           disable=world()[0] > 0):  # rank 0's bar only
-            chunk = chunk.to(run.cond.device)
             transitions, images = rollout(run.pipe, run.cond, run.uncond, chunk, args, run.generator)
             latents.append(transitions["next_latents"].unflatten(0, (len(chunk), -1))[:, -1])  # x_0
             scores.append(score(run, images, chunk, measured=False)[:2])
@@ -563,7 +560,7 @@ def collect_supervised_data(run, args):
     weight = (rewards - everyone.min()) / (everyone.max() - everyone.min()).clamp(min=1e-12)
     say(f"dpok: supervised data: {len(everyone)} images, reward {everyone.mean():.4f} "
         f"+- {everyone.std():.4f}", file=sys.stderr)
-    return dict(latents=torch.cat(latents), prompt_index=index.to(run.cond.device), reward=weight)
+    return dict(latents=torch.cat(latents), prompt_index=index, reward=weight)
 
 
 def supervised_loss(unet, scheduler, batch, cond, args, generator):
@@ -817,7 +814,7 @@ def evaluate(args):
                          f"{str(e).splitlines()[0][:120]})")
     cond, uncond, _ = encode_prompts(pipe, prompts)
     os.makedirs(args.out, exist_ok=True)
-    rows, grid = [], []
+    rows = []
     for p, prompt in enumerate(tqdm(prompts, desc="eval")):
         # Two generators with one seed: both models start from the same noise, chunk by chunk.
         seeds = [torch.Generator().manual_seed(args.seed) for _ in range(2)]
@@ -828,23 +825,27 @@ def evaluate(args):
             transitions, images = rollout(pipe, cond, uncond, chunk, args, seeds[1], keep_eps=True)
             after.append(images)
             kl.append(kl_bound(pipe, transitions, cond, uncond, args).unflatten(0, (len(chunk), -1)))
-        grid += [torch.cat(before), torch.cat(after)]
+        grid = "eval.png" if len(prompts) == 1 else f"eval_{p:03d}.png"  # one per prompt: readable
+        save_image(torch.cat(before + after), os.path.join(args.out, grid), nrow=args.eval_samples)
         rows.append(dict(prompt=prompt, kl_bound=torch.cat(kl).sum(1).mean().item()))
         for name, fn in scorers.items():
-            pre, fine = (fn(x, [prompt] * args.eval_samples).float().cpu() for x in grid[-2:])
+            pre, fine = (fn(torch.cat(x), [prompt] * args.eval_samples).float() for x in (before, after))
             gain = fine - pre  # paired: the same seeds, so its error is the pairs'
             rows[-1].update({f"{name}_pretrained": pre.mean().item(),
                              f"{name}_finetuned": fine.mean().item(), f"{name}_gain": gain.mean().item(),
                              f"{name}_gain_se": gain.std().item() / len(gain) ** 0.5})
+    # The prompts file's mean row (a group: trained, unseen...); SEs: of a mean of independent gains
+    mean = dict(prompt=f"mean of {len(rows)} prompts", **{
+        k: (sum(r[k] ** 2 for r in rows) ** 0.5 if k.endswith("_se") else sum(r[k] for r in rows))
+        / len(rows) for k in rows[0] if k != "prompt"})
     with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(dict(args=dataclasses.asdict(args), results=rows), f, indent=1)
-    save_image(torch.cat(grid), os.path.join(args.out, "eval.png"), nrow=args.eval_samples)
-    for r in rows:  # the gain's error: the standard error of the paired differences
+        json.dump(dict(args=dataclasses.asdict(args), results=rows, mean=mean), f, indent=1)
+    for r in rows + [mean] * (len(rows) > 1):  # the gain's error: the standard error of the pairs
         print(f"{r['prompt']} (pretrained -> fine-tuned, gain +- SE): " + "".join(
             f"{n} {r[n + '_pretrained']:.4f} -> {r[n + '_finetuned']:.4f} ({r[n + '_gain']:+.4f} +- "
             f"{r[n + '_gain_se']:.4f}), " for n in scorers) + f"KL bound {r['kl_bound']:.1f} nats")
-    print(f"dpok: eval of {args.lora} written to {args.out}/eval.json and eval.png "
-          "(top row of each pair: pretrained, bottom: fine-tuned, same seeds)")
+    print(f"dpok: eval of {args.lora} in {args.out}: eval.json, {grid.replace(f'{p:03d}', 'NNN')} "
+          "(a grid per prompt: pretrained samples above the fine-tuned ones, same seeds)")
     return rows
 
 
@@ -899,9 +900,8 @@ def check_args(args, given):
         if getattr(args, name) is not None and not getattr(args, name).strip():
             bad(f"{flag(name)} is empty")
     for mode, unused in UNUSED.items():
-        clash = sorted(unused & given) if getattr(args, mode) else []
-        if clash:
-            bad(f"{flag(clash[0])} has no effect with {flag(mode)}; drop one of them")
+        for name in sorted(unused & given) if getattr(args, mode) else []:  # the first one
+            bad(f"{flag(name)} has no effect with {flag(mode)}; drop one of them")
     for name, mode in NEEDS.items():
         if name in given and not getattr(args, mode):
             bad(f"{flag(name)} is only used with {flag(mode)}")

@@ -203,6 +203,15 @@ CAPTIONS = [f"{number} {colour} {shape}{'s' if n > 1 else ''}" for number, n in 
 # of the paper's unusual prompts such as "A green colored rabbit".
 HELD_OUT = ["one green triangle", "two green triangles", "three green triangles",
             "three blue circles", "two yellow squares"]
+# The multi-prompt experiment's split: DPOK trains on red, blue and yellow circles and squares;
+# "unseen" has a colour (green) and a shape (triangles) it never trains on, so a gain there is
+# generalisation, not memorisation; "held-out" the captions pretraining never saw either.
+# shapes-prompts/ holds each group as a dpok.py prompts file.
+SPLIT = {"trained": [c for c in CAPTIONS if c not in HELD_OUT and "green" not in c and "triangle" not in c],
+         "unseen": [c for c in CAPTIONS if c not in HELD_OUT and ("green" in c or "triangle" in c)],
+         "held-out": HELD_OUT}
+PROMPT_FILES = {group: os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes-prompts", f"{group}.txt")
+                for group in SPLIT}
 SIZE, MIN_SIDE, MAX_SIDE, GAP = 32, 8, 12, 2  # image, shape sides in pixels, gap between shapes
 
 
@@ -578,18 +587,20 @@ def learned_reward(device="cpu", folder=TINY_DEFAULTS["model"]):
 
 
 def eval_tiles(folder):
-    """The images of an --eval's eval.png: {(prompt, "pretrained" or "finetuned"): (n, 3, SIZE, SIZE)}."""
+    """The images of an --eval's grids (eval.png, or eval_NNN.png per prompt when several):
+    {(prompt, "pretrained" or "finetuned"): (n, 3, SIZE, SIZE)}."""
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
 
     with open(os.path.join(folder, "eval.json")) as f:
         evaluation = json.load(f)
-    n = evaluation["args"]["eval_samples"]
-    grid = to_tensor(Image.open(os.path.join(folder, "eval.png")).convert("RGB"))
+    n, rows = evaluation["args"]["eval_samples"], evaluation["results"]
     tiles = {}
-    for p, row in enumerate(evaluation["results"]):  # save_image's grid: 2-pixel padding
+    for p, row in enumerate(rows):  # save_image's grid: 2-pixel padding
+        name = "eval.png" if len(rows) == 1 else f"eval_{p:03d}.png"
+        grid = to_tensor(Image.open(os.path.join(folder, name)).convert("RGB"))
         for k, name in enumerate(("pretrained", "finetuned")):
-            top = 2 + (2 * p + k) * (SIZE + 2)
+            top = 2 + k * (SIZE + 2)
             tiles[row["prompt"], name] = torch.stack(
                 [grid[:, top:top + SIZE, 2 + i * (SIZE + 2):2 + i * (SIZE + 2) + SIZE] for i in range(n)])
     return tiles
@@ -618,12 +629,17 @@ BETAS = ("0", "0.01", "0.1", "1")
 # The supervised baseline's own calibration (learning rate, gamma = its KL weight; the paper
 # swept gamma over 0.1-5 and ran it at twice the RL learning rate), at the first seed.
 SUPERVISED_GRID = [(lr, gamma) for lr in ("3e-5", "1e-4", "3e-4") for gamma in ("0.1", "1", "5")]
+# Multi-prompt DPOK: the official multi-prompt recipe's reward_weight / kl_weight (1000 / 0.1, ten
+# times the single-prompt ratio) at the tiny reward_alpha of 10; 16 captions, one each per iteration.
+MULTI_BETA = "0.001"
 
 
 def results_runs(seeds, horizon=300, out=None):
-    """name -> dict(reward, flags, evals): the dpok.py flags of each run and the iterations at
-    which it is evaluated. Seed-major, so that an interrupted command has whole seeds done. Once
-    the baseline's calibration is evaluated in `out`, its best setting joins at the other seeds."""
+    """name -> dict(reward, flags, evals[, prompt, groups]): the dpok.py flags of each run, the
+    iterations at which it is evaluated, its training prompt (default RESULTS_PROMPT) and eval
+    prompts files ({group: file}, default RESULTS_PROMPT alone). Seed-major within each experiment,
+    so that an interrupted command has whole seeds done. Once the baseline's calibration is
+    evaluated in `out`, its best setting joins at the other seeds and on the multi-prompt task."""
     runs, half = {}, max(1, horizon // 2)
     for seed in map(str, seeds):  # over-optimisation: the learned reward, evaluated along training
         for beta in BETAS:
@@ -642,16 +658,33 @@ def results_runs(seeds, horizon=300, out=None):
         return evaluated(os.path.join(out or "", f"supervised_lr{lr}_g{gamma}_s{seed}"), half)
 
     calibration = [add_supervised(lr, gamma, seeds[0]) for lr, gamma in SUPERVISED_GRID]
+    # The value function on and off (official v_flag), single-prompt (beside shapes_b0.01) and
+    # multi-prompt; multi-prompt DPOK (and below, the supervised baseline) trains on the trained
+    # captions and is evaluated on all three groups, at equal reward queries.
+    multi = dict(reward="shapes", evals=[horizon], prompt=["--prompts", PROMPT_FILES["trained"]],
+                 groups=PROMPT_FILES)
+    for seed in map(str, seeds):
+        runs[f"shapes_novalue_b0.01_s{seed}"] = dict(
+            reward="shapes", flags=["--kl-beta", "0.01", "--no-value", "--seed", seed], evals=[half])
+        runs[f"multi_b{MULTI_BETA}_s{seed}"] = dict(multi, flags=["--kl-beta", MULTI_BETA, "--seed", seed])
+        runs[f"multi_novalue_b{MULTI_BETA}_s{seed}"] = dict(
+            multi, flags=["--kl-beta", MULTI_BETA, "--no-value", "--seed", seed])
     if out is not None and all(map(os.path.exists, calibration)):
         gains = [json.load(open(path))["results"][0]["reward_gain"] for path in calibration]
+        lr, gamma = SUPERVISED_GRID[gains.index(max(gains))]
         for seed in seeds[1:]:
-            add_supervised(*SUPERVISED_GRID[gains.index(max(gains))], seed)
+            add_supervised(lr, gamma, seed)
+        for seed in map(str, seeds):  # the same number of images per caption as DPOK's queries
+            runs[f"multi_supervised_s{seed}"] = dict(multi, flags=[
+                "--supervised", "--supervised-samples", str(horizon), "--lr", lr, "--kl-beta", gamma,
+                "--seed", seed])
     return runs
 
 
-def evaluated(folder, k):
-    """The eval.json of a Results run's evaluation at iteration k (it exists once that is done)."""
-    return os.path.join(folder, f"eval_{k:04d}", "eval.json")
+def evaluated(folder, k, group=""):
+    """The eval.json of a Results run's evaluation at iteration k on a group's prompts file (the
+    single prompt: no group); it exists once that is done."""
+    return os.path.join(folder, f"eval_{k:04d}", group, "eval.json")
 
 
 def run_experiment(folder, spec, eval_samples, threads):
@@ -662,15 +695,22 @@ def run_experiment(folder, spec, eval_samples, threads):
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     dpok = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpok.py"),
-            "--tiny", "--prompt", RESULTS_PROMPT, "--reward", spec["reward"]]
+            "--tiny", "--reward", spec["reward"]]
+    groups = {group: ["--prompts", path] for group, path in spec.get("groups", {}).items()}
+    groups = groups or {"": ["--prompt", RESULTS_PROMPT]}
+    samples = str(max(2, eval_samples // 4) if spec.get("groups") else eval_samples)  # 36 captions
     with open(folder + ".log", "a") as log:
         for k in spec["evals"]:
-            if os.path.exists(evaluated(folder, k)):
+            todo = [group for group in groups if not os.path.exists(evaluated(folder, k, group))]
+            if not todo:
                 continue
             again = "--resume" if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "--overwrite"
-            for command in (dpok + spec["flags"] + ["--iterations", str(k), "--out", folder, again],
-                            dpok + ["--eval", "--lora", folder, "--eval-samples", str(eval_samples),
-                                    "--out", os.path.dirname(evaluated(folder, k))]):
+            commands = [dpok + spec.get("prompt", ["--prompt", RESULTS_PROMPT]) + spec["flags"]
+                        + ["--iterations", str(k), "--out", folder, again]]
+            commands += [dpok + groups[group] + ["--eval", "--lora", folder, "--eval-samples", samples,
+                                                  "--out", os.path.dirname(evaluated(folder, k, group))]
+                         for group in todo]
+            for command in commands:
                 subprocess.run(command, stdout=log, stderr=log, env=env, check=True)
 
 
@@ -684,8 +724,9 @@ def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64):
     threads = max(1, (os.cpu_count() or 1) // jobs)
     for _ in range(2):  # the second pass: the calibrated baseline at the other seeds
         runs = results_runs(seeds, horizon, out)
-        todo = {name: spec for name, spec in runs.items()
-                if not all(os.path.exists(evaluated(os.path.join(out, name), k)) for k in spec["evals"])}
+        todo = {name: spec for name, spec in runs.items() if not all(
+            os.path.exists(evaluated(os.path.join(out, name), k, group))
+            for k in spec["evals"] for group in spec.get("groups", [""]))}
         pool = ThreadPoolExecutor(jobs)
         futures = {pool.submit(run_experiment, os.path.join(out, name), spec, eval_samples, threads):
                    name for name, spec in todo.items()}
@@ -736,6 +777,9 @@ def results_tables(out, runs):
                 ("exact", "exact_finetuned"), ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]),
             ("DPOK and supervised with the analyser's reward", ("shapes_b", "supervised"), [
                 ("alignment gain", "reward_gain"), ("count", "count_finetuned"), ("exact", "exact_finetuned"),
+                ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]),
+            ("The value function on and off, single prompt", ("shapes_b0.01", "shapes_novalue"), [
+                ("alignment gain", "reward_gain"), ("exact", "exact_finetuned"),
                 ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")])):
         final = {run: evals[run, k] for run, k in last.items() if run.startswith(kinds)}
         if not final:
@@ -750,11 +794,66 @@ def results_tables(out, runs):
         for run, rows in final.items():
             print(f"| {run} | {last[run]} | {len(rows)} | " + " | ".join(cell(rows, key) for _, key in keys) + " |")
         tables[title] = final
+    multi = {}  # (group, run without seed) -> the group's mean row of each seed's last eval
+    for name, spec in runs.items():
+        for group in spec.get("groups", {}):
+            if os.path.exists(path := evaluated(os.path.join(out, name), spec["evals"][-1], group)):
+                with open(path) as f:
+                    multi.setdefault((group, name.rsplit("_s", 1)[0]), []).append(json.load(f)["mean"])
+    if multi:
+        print("\nMulti-prompt: each group's mean over its captions (mean ± std over seeds)\n\n"
+              "| group (captions) | run | seeds | alignment gain | fidelity | KL bound |\n|---|---|---|---|---|---|")
+        for group in SPLIT:
+            with open(PROMPT_FILES[group]) as f:
+                label = f"{group} ({len([line for line in f if line.strip()])})"
+            pre = [rows[0] for (g, _), rows in multi.items() if g == group][:1]
+            if pre:
+                print(f"| {label} | pretrained | | ({pre[0]['reward_pretrained']:.3f}) | "
+                      f"{pre[0]['fidelity_pretrained']:.3f} | 0 |")
+            for (g, run), rows in multi.items():
+                if g == group:
+                    print(f"| {label} | {run} | {len(rows)} | " + " | ".join(
+                        cell(rows, key) for key in ("reward_gain", "fidelity_finetuned", "kl_bound")) + " |")
+        tables["Multi-prompt"] = multi
+    value_figure(out, runs)
     if any(run.startswith("learned") for run, _ in evals):
         hack_table({run: [r["folder"] for r in rows] for run, rows in tables[
             "Over-optimisation: DPOK with the learned reward"].items()})
         overoptimisation_figure(out, evals)
     return tables
+
+
+def value_figure(out, runs):
+    """Learning curves with the value function on and off: each iteration's mean alignment (a
+    moving mean over 10 iterations), mean +- std over seeds; single prompt and multi-prompt."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.5))
+    panels = ((f"one prompt: {RESULTS_PROMPT}", "shapes_b0.01", "shapes_novalue_b0.01"),
+              ("multi-prompt: the 16 trained captions", f"multi_b{MULTI_BETA}", f"multi_novalue_b{MULTI_BETA}"))
+    drawn = False
+    for ax, (title, *pair) in zip(figure.subplots(1, 2), panels):
+        for run, label in zip(pair, ("value function (official v_flag 1)", "--no-value")):
+            curves = []
+            for name in runs:
+                if name.rsplit("_s", 1)[0] == run and os.path.exists(path := os.path.join(out, name, "metrics.jsonl")):
+                    with open(path) as f:
+                        curves.append(torch.tensor([json.loads(line)["reward_mean"] for line in f]))
+            if not curves:
+                continue
+            n = min(map(len, curves))
+            window = min(10, n)
+            curves = F.avg_pool1d(torch.stack([c[:n] for c in curves])[:, None], window, 1)[:, 0]
+            mean, std = curves.mean(0), (curves.std(0) if len(curves) > 1 else torch.zeros(curves.shape[1]))
+            x = torch.arange(len(mean)) + window - 1  # the window's last iteration
+            ax.plot(x, mean, label=f"{label} ({len(curves)} seeds)")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.25)
+            drawn = True
+        ax.set(title=title, xlabel="iteration", ylabel="alignment of the iteration's samples")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if drawn:
+        figure.savefig(os.path.join(out, "value_function.png"), dpi=100, bbox_inches="tight")
 
 
 def hack_table(folders):

@@ -889,6 +889,41 @@ def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path
     assert result["reward_finetuned"] == result["reward_pretrained"] and result["kl_bound"] == 0
 
 
+def test_eval_of_a_prompts_file_writes_each_prompt_and_their_mean(runs, tmp_path, capsys):
+    """A prompts file is a group (trained, unseen, ...): one row and one grid per prompt, then
+    the group's mean, whose gain's SE is that of a mean of independent per-prompt gains."""
+    _, run = runs["0.01"]
+    prompts = [PROMPT, "two red circles", "one blue triangle"]
+    (tmp_path / "group.txt").write_text("\n".join(prompts) + "\n")
+    assert dpok.main(["--tiny", "--prompts", str(tmp_path / "group.txt"), "--eval", "--lora", str(run),
+                      "--eval-samples", "4", "--out", str(tmp_path / "eval")]) == 0
+    evaluation = json.load(open(tmp_path / "eval" / "eval.json"))
+    rows, mean = evaluation["results"], evaluation["mean"]
+    assert [r["prompt"] for r in rows] == prompts
+    for key in ("reward_gain", "reward_pretrained", "fidelity_finetuned", "kl_bound"):
+        assert mean[key] == pytest.approx(sum(r[key] for r in rows) / 3)
+    se = [r["reward_gain_se"] for r in rows]
+    assert mean["reward_gain_se"] == pytest.approx((sum(x * x for x in se)) ** 0.5 / 3)
+    assert min(se) / 3 ** 0.5 < mean["reward_gain_se"] < max(se)  # smaller than one prompt's
+    assert capsys.readouterr().out.count("mean of 3 prompts") == 1
+    tiles = offline.eval_tiles(tmp_path / "eval")  # one grid per prompt: 2 rows of 4
+    assert sorted(os.listdir(tmp_path / "eval")) == ["eval.json", "eval_000.png", "eval_001.png", "eval_002.png"]
+    assert set(tiles) == {(p, w) for p in prompts for w in ("pretrained", "finetuned")}
+    rescored = offline.shapes_reward(tiles[prompts[1], "finetuned"], [prompts[1]] * 4).mean().item()
+    assert rescored == pytest.approx(rows[1]["reward_finetuned"], abs=0.05)  # the 8-bit grid's rounding
+
+
+def test_the_multi_prompt_split_is_by_colour_and_shape_and_its_files_are_in_the_repository():
+    split = offline.SPLIT
+    assert sorted(sum(split.values(), [])) == sorted(offline.CAPTIONS)  # each caption in one group
+    assert [len(split[g]) for g in ("trained", "unseen", "held-out")] == [16, 15, 5]
+    assert not any("green" in c or "triangle" in c for c in split["trained"])
+    assert all("green" in c or "triangle" in c for c in split["unseen"])
+    assert split["held-out"] == offline.HELD_OUT
+    for group, path in offline.PROMPT_FILES.items():
+        assert open(path).read().splitlines() == split[group], path
+
+
 def smooth_images(n, size, seed=0):
     from torchvision.transforms.functional import gaussian_blur
     return gaussian_blur(torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)),
@@ -1001,23 +1036,36 @@ def test_lora_file_is_an_ordinary_file(tmp_path):
 
 def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkeypatch, capsys):
     """`python offline.py --results` in a reduced form (2 betas, 1 seed, 2 iterations, 4 eval
-    seeds): every run evaluated at its points, the tables and figures; a second call runs nothing."""
+    seeds, one caption per multi-prompt group): every run evaluated at its points, on each of its
+    groups, the tables and figures; a second call runs nothing."""
     monkeypatch.setattr(offline, "BETAS", ("0", "1"))
     monkeypatch.setattr(offline, "SUPERVISED_GRID", [("3e-4", "1")])
-    tables = offline.reproduce(str(tmp_path), seeds=[0], jobs=2, horizon=2, eval_samples=4)
-    runs = offline.results_runs([0], horizon=2)
-    assert sorted(runs) == ["learned_b0_s0", "learned_b1_s0", "shapes_b0_s0", "shapes_b1_s0",
-                            "supervised_lr3e-4_g1_s0"]
+    files = {group: tmp_path / f"{group}.txt" for group in offline.SPLIT}
+    for group, path in files.items():
+        path.write_text(offline.SPLIT[group][0] + "\n")
+    monkeypatch.setattr(offline, "PROMPT_FILES", {group: str(path) for group, path in files.items()})
+    tables = offline.reproduce(str(tmp_path / "results"), seeds=[0], jobs=2, horizon=2, eval_samples=4)
+    tmp_path = tmp_path / "results"
+    runs = offline.results_runs([0], horizon=2, out=str(tmp_path))
+    assert sorted(runs) == ["learned_b0_s0", "learned_b1_s0", "multi_b0.001_s0", "multi_novalue_b0.001_s0",
+                            "multi_supervised_s0", "shapes_b0_s0", "shapes_b1_s0",
+                            "shapes_novalue_b0.01_s0", "supervised_lr3e-4_g1_s0"]
     for name, spec in runs.items():
         for k in spec["evals"]:  # learned: [1, 2] (a quarter of the horizon each); others: [1]
-            result = json.load(open(tmp_path / name / f"eval_{k:04d}" / "eval.json"))["results"][0]
-            assert result["prompt"] == offline.RESULTS_PROMPT and result["kl_bound"] > 0
+            for group in spec.get("groups", [""]):
+                result = json.load(open(offline.evaluated(tmp_path / name, k, group)))["results"][0]
+                assert result["kl_bound"] > 0
+                assert result["prompt"] == (offline.SPLIT[group][0] if group else offline.RESULTS_PROMPT)
     assert runs["learned_b0_s0"]["evals"] == [1, 2]
+    assert set(tables["Multi-prompt"]) == {(group, run) for group in offline.SPLIT for run in (
+        "multi_b0.001", "multi_novalue_b0.001", "multi_supervised")}
     learned = tables["Over-optimisation: DPOK with the learned reward"]
     assert set(learned) == {"learned_b0", "learned_b1"} and "judge_gain" in learned["learned_b0"][0]
     out = capsys.readouterr().out
     assert "| learned_b1 | 2 | 1 |" in out and "| supervised_lr3e-4_g1 | 1 | 1 |" in out
-    assert (tmp_path / "overoptimisation.png").exists() and (tmp_path / "overoptimisation_eval.png").exists()
+    assert "| unseen (1) | multi_novalue_b0.001 | 1 |" in out
+    for figure in ("overoptimisation.png", "overoptimisation_eval.png", "value_function.png"):
+        assert (tmp_path / figure).exists(), figure
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in runs}
     start = time.time()
     assert offline.reproduce(str(tmp_path), seeds=[0], jobs=2, horizon=2, eval_samples=4).keys() == tables.keys()
@@ -1037,7 +1085,13 @@ def test_results_calibrate_the_baseline_at_the_first_seed_then_run_its_best_at_t
                   open(tmp_path / f"supervised_lr{lr}_g{gamma}_s0" / "eval_0150" / "eval.json", "w"))
     then = offline.results_runs([0, 1, 2], horizon=300, out=str(tmp_path))
     lr, gamma = grid[3]
-    assert set(then) - set(first) == {f"supervised_lr{lr}_g{gamma}_s1", f"supervised_lr{lr}_g{gamma}_s2"}
+    assert set(then) - set(first) == {f"supervised_lr{lr}_g{gamma}_s1", f"supervised_lr{lr}_g{gamma}_s2",
+                                      "multi_supervised_s0", "multi_supervised_s1", "multi_supervised_s2"}
+    # multi-prompt: the same images per caption (300) as DPOK's 300 iterations of one each
+    assert then["multi_supervised_s1"]["flags"] == [
+        "--supervised", "--supervised-samples", "300", "--lr", lr, "--kl-beta", gamma, "--seed", "1"]
+    assert then["multi_supervised_s1"]["prompt"] == then["multi_b0.001_s1"]["prompt"] == [
+        "--prompts", offline.PROMPT_FILES["trained"]]
 
 
 # ---------------------------------------------------------------------------------------------
