@@ -698,7 +698,8 @@ def run_experiment(folder, spec, eval_samples, threads):
             "--tiny", "--reward", spec["reward"]]
     groups = {group: ["--prompts", path] for group, path in spec.get("groups", {}).items()}
     groups = groups or {"": ["--prompt", RESULTS_PROMPT]}
-    samples = str(max(2, eval_samples // 4) if spec.get("groups") else eval_samples)  # 36 captions
+    # on the 36 captions of the groups a quarter of the single prompt's seeds each (64: 16)
+    samples = str(max(2, eval_samples // 4) if spec.get("groups") else eval_samples)
     with open(folder + ".log", "a") as log:
         for k in spec["evals"]:
             todo = [group for group in groups if not os.path.exists(evaluated(folder, k, group))]
@@ -722,7 +723,7 @@ def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64):
 
     os.makedirs(out, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    for _ in range(2):  # the second pass: the calibrated baseline at the other seeds
+    for _ in range(2):  # the second pass: the calibrated baseline at the other seeds, multi-prompt
         runs = results_runs(seeds, horizon, out)
         todo = {name: spec for name, spec in runs.items() if not all(
             os.path.exists(evaluated(os.path.join(out, name), k, group))
