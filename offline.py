@@ -834,7 +834,7 @@ def value_figure(out, runs):
               ("multi-prompt: the 16 trained captions", f"multi_b{MULTI_BETA}", f"multi_novalue_b{MULTI_BETA}"))
     drawn = False
     for ax, (title, *pair) in zip(figure.subplots(1, 2), panels):
-        for run, label in zip(pair, ("value function (official v_flag 1)", "--no-value")):
+        for run, label, colour in zip(pair, ("value function (official v_flag 1)", "--no-value"), ("C0", "C1")):
             curves = []
             for name in runs:
                 if name.rsplit("_s", 1)[0] == run and os.path.exists(path := os.path.join(out, name, "metrics.jsonl")):
@@ -847,8 +847,8 @@ def value_figure(out, runs):
             curves = F.avg_pool1d(torch.stack([c[:n] for c in curves])[:, None], window, 1)[:, 0]
             mean, std = curves.mean(0), (curves.std(0) if len(curves) > 1 else torch.zeros(curves.shape[1]))
             x = torch.arange(len(mean)) + window - 1  # the window's last iteration
-            ax.plot(x, mean, label=f"{label} ({len(curves)} seeds)")
-            ax.fill_between(x, mean - std, mean + std, alpha=0.25)
+            ax.plot(x, mean, color=colour, label=f"{label} ({len(curves)} seeds)")
+            ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.25)
             drawn = True
         ax.set(title=title, xlabel="iteration", ylabel="alignment of the iteration's samples")
         ax.grid(alpha=0.3)
