@@ -804,7 +804,7 @@ def results_tables(out, runs):
     if multi:
         print("\nMulti-prompt: each group's mean over its captions (mean ± std over seeds)\n\n"
               "| group (captions) | run | seeds | alignment gain | fidelity | KL bound |\n|---|---|---|---|---|---|")
-        for group in SPLIT:
+        for group in PROMPT_FILES:
             with open(PROMPT_FILES[group]) as f:
                 label = f"{group} ({len([line for line in f if line.strip()])})"
             pre = [rows[0] for (g, _), rows in multi.items() if g == group][:1]

@@ -558,9 +558,9 @@ def test_compressibility_reward_prefers_flat_images():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The README's first command at half its iterations (75; the whole run is 2.5-6 minutes,
-    and `offline.py --results` remakes it), and the same with beta = 10 for 30 iterations."""
+    and `offline.py --results` remakes it), and the same with beta = 10 for 20 iterations."""
     out = {}
-    for beta, iterations in (("0.01", "75"), ("10", "30")):
+    for beta, iterations in (("0.01", "75"), ("10", "20")):
         path = tmp_path_factory.mktemp(f"beta{beta}") / "run"
         history = dpok.train(dpok.parse_args(["--tiny", "--prompt", PROMPT, "--kl-beta", beta,
                                               "--iterations", iterations, "--out", str(path)]))
@@ -576,8 +576,8 @@ def test_tiny_run_raises_the_alignment(runs):
 
 
 def test_larger_kl_beta_keeps_the_kl_smaller(runs):
-    kl = {beta: sum(m["kl"] for m in h[20:30]) / 10 for beta, (h, _) in runs.items()}
-    assert kl["10"] < kl["0.01"] / 10, kl
+    kl = {beta: sum(m["kl"] for m in h[10:20]) / 10 for beta, (h, _) in runs.items()}
+    assert kl["10"] < kl["0.01"] / 10, kl  # measured (1 thread): 0.00046 against 0.012
 
 
 def test_outputs_metrics_grids_and_loadable_lora(runs):
@@ -1110,7 +1110,7 @@ def sd15(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sd15_architecture_trains_through_the_model_path(sd15, dtype, tmp_path, capsys):
+def test_sd15_architecture_trains_and_evaluates_through_the_model_path(sd15, dtype, tmp_path, capsys):
     if dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         # seen: an AVX2-only CPU still in the first policy update after 10 minutes (11 s where
         # oneDNN has bfloat16 kernels); the tiny world's bfloat16 ratio test still runs here
@@ -1118,7 +1118,7 @@ def test_sd15_architecture_trains_through_the_model_path(sd15, dtype, tmp_path, 
     out = tmp_path / "run"
     argv = [*SD15, "--model", str(sd15), "--dtype", dtype, "--iterations", "2", "--policy-steps",
             "1", "--grad-accum", "1", "--batch-size", "4", "--buffer-size", "12",
-            "--value-batch-size", "6", "--out", str(out)]
+            "--value-batch-size", "6", "--lr", "1e-3", "--out", str(out)]
     assert dpok.main(argv) == 0
     assert "256 LoRA tensors (797,184 weights)" in capsys.readouterr().err  # official rank-4 LoRA
     first = numbers(out / "metrics.jsonl")[0]
@@ -1132,17 +1132,11 @@ def test_sd15_architecture_trains_through_the_model_path(sd15, dtype, tmp_path, 
     saved = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
     assert len(loaded) == len(saved) == 256
     assert sum(v.numel() for v in loaded.values()) == 797_184
-
-
-def test_sd15_architecture_evaluates_a_saved_lora(sd15, tmp_path):
-    run = tmp_path / "run"
-    assert dpok.main([*SD15, "--model", str(sd15), "--iterations", "1", "--policy-steps", "1",
-                      "--grad-accum", "1", "--batch-size", "4", "--buffer-size", "12",
-                      "--value-batch-size", "6", "--lr", "1e-3", "--out", str(run)]) == 0
-    assert dpok.main([*SD15, "--model", str(sd15), "--eval", "--lora", str(run), "--eval-samples",
-                      "2", "--out", str(tmp_path / "eval")]) == 0
-    result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
-    assert result["kl_bound"] > 0 and (tmp_path / "eval" / "eval.png").exists()
+    if dtype == "float32":  # and it evaluates through the same path (once: bfloat16 adds only time)
+        assert dpok.main([*SD15, "--model", str(sd15), "--eval", "--lora", str(out), "--eval-samples",
+                          "2", "--out", str(tmp_path / "eval")]) == 0
+        result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
+        assert result["kl_bound"] > 0 and (tmp_path / "eval" / "eval.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------
