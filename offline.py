@@ -803,18 +803,20 @@ def results_tables(out, runs):
                     multi.setdefault((group, name.rsplit("_s", 1)[0]), []).append(json.load(f)["mean"])
     if multi:
         print("\nMulti-prompt: each group's mean over its captions (mean ± std over seeds)\n\n"
-              "| group (captions) | run | seeds | alignment gain | fidelity | KL bound |\n|---|---|---|---|---|---|")
+              "| group (captions) | run | seeds | alignment gain | its standard error (a seed's, mean) | fidelity "
+              "| KL bound |\n|---|---|---|---|---|---|---|")
         for group in PROMPT_FILES:
             with open(PROMPT_FILES[group]) as f:
                 label = f"{group} ({len([line for line in f if line.strip()])})"
             pre = [rows[0] for (g, _), rows in multi.items() if g == group][:1]
             if pre:
-                print(f"| {label} | pretrained | | ({pre[0]['reward_pretrained']:.3f}) | "
+                print(f"| {label} | pretrained | | ({pre[0]['reward_pretrained']:.3f}) | | "
                       f"{pre[0]['fidelity_pretrained']:.3f} | 0 |")
             for (g, run), rows in multi.items():
                 if g == group:
-                    print(f"| {label} | {run} | {len(rows)} | " + " | ".join(
-                        cell(rows, key) for key in ("reward_gain", "fidelity_finetuned", "kl_bound")) + " |")
+                    print(f"| {label} | {run} | {len(rows)} | {cell(rows, 'reward_gain')} | "
+                          f"{mean_std([r['reward_gain_se'] for r in rows])[0]:.3f} | " + " | ".join(
+                              cell(rows, key) for key in ("fidelity_finetuned", "kl_bound")) + " |")
         tables["Multi-prompt"] = multi
     value_figure(out, runs)
     if any(run.startswith("learned") for run, _ in evals):
