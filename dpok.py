@@ -227,7 +227,8 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
     """Sample len(prompt_index) images with the current UNet (LoRA on); returns (transitions,
     images in [0, 1]). `transitions` holds, per (image, step), flattened image-major: latents x_t,
     next_latents x_{t-1}, timesteps t, step (0..T-1), prompt_index, log_prob (the old log-prob,
-    float32, of exactly the stored x_{t-1}), and with keep_eps the guided eps_theta(x_t) (eval)."""
+    float32, of exactly the stored x_{t-1}), on_policy (True: sampled by the UNet's weights as they
+    are now), and with keep_eps the guided eps_theta(x_t) (eval)."""
     scheduler, unet = pipe.scheduler, pipe.unet
     scheduler.set_timesteps(args.steps, device=pipe.device)
     n, size = len(prompt_index), unet.config.sample_size
@@ -249,6 +250,7 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
         timesteps=scheduler.timesteps[keep].repeat(n),
         step=torch.arange(len(scheduler.timesteps), device=pipe.device)[keep].repeat(n),
         prompt_index=prompt_index.repeat_interleave(int(keep.sum())),
+        on_policy=torch.ones(n * int(keep.sum()), dtype=torch.bool, device=pipe.device),
     )
     if keep_eps:
         transitions["eps"] = torch.stack(eps_seen, dim=1)[:, keep].flatten(0, 1)  # (B * T', 4, h, w)
@@ -350,15 +352,22 @@ def policy_loss(unet, scheduler, batch, cond, uncond, args):
     """DPOK's per-transition loss (official form, deviation 3):
         -alpha * A * clamp(p_theta(x_{t-1}|x_t) / p_old(x_{t-1}|x_t), 1 - c, 1 + c) + beta * KL_t
     with the batch's advantage A: the policy gradient of Sec. 4, importance-weighted for
-    transitions an earlier policy sampled, plus the gradient of the online KL of Sec. 4."""
+    transitions an earlier policy sampled, plus the gradient of the online KL of Sec. 4.
+    Transitions marked `on_policy` were sampled by the very weights scored now: their p_old is
+    this pass's own log-prob, detached, so their ratio is exactly 1 in any dtype, device and
+    batch shape, and their gradient is the on-policy one (deviation 6)."""
     text = cond[batch["prompt_index"]]
     eps = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond, args.guidance)
     _, log_prob = ddim_step_logprob(scheduler, eps, batch["timesteps"],
                                     batch["latents"], args.eta, prev_sample=batch["next_latents"])
-    ratio = torch.exp(log_prob - batch["log_prob"])
+    on_policy = batch["on_policy"]
+    ratio = torch.exp(log_prob - torch.where(on_policy, log_prob.detach(), batch["log_prob"]))
     clipped = ratio.clamp(1 - args.ratio_clip, 1 + args.ratio_clip)
     loss = -args.reward_alpha * batch["advantage"] * clipped
-    stats = dict(ratio=ratio.mean().item(), clipfrac=(ratio != clipped).float().mean().item())
+    # What the rollout's stored log-prob would have given them: the rollout-vs-update rounding
+    gap = torch.where(on_policy, torch.exp(log_prob.detach() - batch["log_prob"]) - 1, 0).abs()
+    stats = dict(ratio=ratio.mean().item(), clipfrac=(ratio != clipped).float().mean().item(),
+                 max_rescore_gap=gap.max().item())
     if args.kl_beta > 0:  # no second UNet pass when the estimator does not need it
         with pretrained_model(unet), torch.no_grad():
             eps_pre = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond, args.guidance)
@@ -371,7 +380,7 @@ def policy_loss(unet, scheduler, batch, cond, uncond, args):
 def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
     """Backward the mean loss over `batch` in micro-batches of `batch_size`, each weighted by its
     share of the batch: the summed gradient is the full batch's exactly, whatever the slicing.
-    Returns the batch-mean of the stats that loss_fn reports."""
+    Returns the batch-mean of the stats that loss_fn reports (the max of a max_ stat)."""
     n = len(batch["reward"])
     stats = {}
     for start in range(0, n, batch_size):
@@ -379,8 +388,8 @@ def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
         share = len(micro["reward"]) / n
         loss, micro_stats = loss_fn(micro)
         (scaler.scale(loss * share) if scaler else loss * share).backward()
-        for k, v in micro_stats.items():
-            stats[k] = stats.get(k, 0.0) + v * share
+        for k, v in micro_stats.items():  # a max_ stat is the largest, the rest their mean
+            stats[k] = max(stats.get(k, v), v) if k.startswith("max_") else stats.get(k, 0.0) + v * share
     return stats
 
 
@@ -398,14 +407,15 @@ def say(message, **kwargs):  # rank 0 alone prints; RANK is set before the proce
 def average_over_ranks(stats, params):
     """The accumulated gradients of `params` and the `stats`, averaged over ranks in place. Every
     rank accumulates an equal share of transitions, so this is the gradient of one process on
-    the union of all ranks' transitions. A non-finite stat on one rank reaches every rank."""
+    the union of all ranks' transitions. A non-finite stat on one rank reaches every rank; a
+    max_ stat is the largest of the ranks'."""
     if not dist.is_initialized():
         return stats
-    values = torch.tensor(list(stats.values()), device=params[0].device)
-    for tensor in (values, *(p.grad for p in params)):
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return dict(zip(stats, values.tolist()))
+    for grad in (p.grad for p in params):
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
+    ranks = all_gather(torch.tensor([list(stats.values())], device=params[0].device))  # (R, stats)
+    return {k: (v.max() if k.startswith("max_") else v.mean()).item() for k, v in zip(stats, ranks.T)}
 
 
 def all_gather(tensor):
@@ -427,8 +437,8 @@ def setup(args, prompts):
         pipe=pipe, prompts=prompts, cond=cond, uncond=uncond, text_features=text_features,
         reward_fn=REWARDS[args.reward](args.device), measures=MEASURES[args.reward](args.device),
         optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),  # official: no decay
-        scaler=torch.amp.GradScaler(enabled=args.dtype == "float16"), params=params,
-        value_fn=value_fn,  # its optimizer keeps torch's default weight decay, as the official
+        scaler=torch.amp.GradScaler(torch.device(args.device).type, enabled=args.dtype == "float16"),
+        params=params, value_fn=value_fn,  # V's optimizer: torch's default weight decay (official)
         value_opt=value_fn and torch.optim.AdamW(value_fn.parameters(), lr=args.value_lr),
         generator=torch.Generator().manual_seed(args.seed + world()[0]),  # every later draw
         buffer=None, prompt_queue=[])  # transitions, each key (N, ...); the rest of a prompt pass
@@ -526,15 +536,18 @@ def dpok_iteration(run, args):
                 batch["latents"], run.text_features[batch["prompt_index"]], batch["step"]))
         updates.append(update(run, batch, lambda micro: policy_loss(
             run.pipe.unet, run.pipe.scheduler, micro, run.cond, run.uncond, args), args))
+        run.buffer["on_policy"].zero_()  # theta has moved: from now on the stored log-prob is p_old
     return iteration_metrics(everyone, measures, updates, value_mse), images
 
 
 def iteration_metrics(rewards, measures, updates, value_loss=None):
-    """Reward and held-out measures of the iteration's samples (all ranks'), each update stat's mean."""
+    """Reward and held-out measures of the iteration's samples (all ranks'), each update stat's mean
+    (a max_ stat's max)."""
+    stats = {k: [u[k] for u in updates] for k in updates[0]}
     return dict(reward_mean=rewards.mean().item(), **measures,
                 reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,  # 1 image: no spread
-                **{"kl": None, **{k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}},
-                value_loss=value_loss)
+                **{"kl": None, **{k: max(v) if k.startswith("max_") else sum(v) / len(v)
+                                  for k, v in stats.items()}}, value_loss=value_loss)
 
 
 def check_finite(name, value):
@@ -701,7 +714,7 @@ def train(args):
     rank, size = world()
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    history, first = [], 0
+    history, first, told = [], 0, False
     if saved is not None:  # resume: restore every state, drop metrics of unsaved iterations
         run.pipe.unet.load_state_dict(saved["lora"], strict=False)
         for name in STATEFUL:
@@ -745,6 +758,13 @@ def train(args):
                                       "checkpoint in --out is the last good state", 1)
             metrics = dict(iteration=iteration, **metrics, seconds=time.time() - start)
             history.append(metrics)
+            if metrics.get("max_rescore_gap", 0) > args.ratio_clip and not told:  # said once
+                told = say(f"dpok: note: {args.dtype} rounds the rollout and the update apart on "
+                           f"{args.device}: |ratio - 1| up to {metrics['max_rescore_gap']:.1e} of "
+                           f"fresh samples, beyond --ratio-clip {args.ratio_clip:g}. The first update "
+                           "is exact by construction, later ones clip by rounding alone: use "
+                           f"--batch-size {args.samples_per_iter} (the rollout's shape) or --dtype "
+                           "float32", file=sys.stderr) or True
             if rank == 0:  # metrics (of all ranks), rank 0's images, the progress bar
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -766,7 +786,7 @@ def train(args):
             signal.signal(sig, handler)
     if rank == 0:
         plot_curves(history, os.path.join(args.out, "reward_curve.png"),
-                    ["reward_mean", *run.measures, "kl"])
+                    ["reward_mean", *run.measures, "kl", *["max_rescore_gap"][:not args.supervised]])
         kl = "off" if history[-1]["kl"] is None else format(history[-1]["kl"], ".2e")
         print(f"dpok: reward {history[0]['reward_mean']:.4f} -> {history[-1]['reward_mean']:.4f} "
               f"over {len(history)} iterations (KL {kl}); LoRA weights and metrics in {args.out}")
@@ -944,8 +964,6 @@ def check_args(args, given):
             "CUDA GPU(s); use --device cpu")
     if args.dtype is None:
         args.dtype = "float32" if gpu is None else "bfloat16"  # official: float16 (deviation 6)
-    if args.dtype == "float16" and gpu is None:
-        bad("--dtype float16 is not supported on CPU; use float32 (or bfloat16)")
 
 
 def read_prompts(args):
