@@ -650,6 +650,9 @@ def results_runs(seeds, horizon=300, out=None):
         for beta in BETAS[:3]:
             runs[f"shapes_b{beta}_s{seed}"] = dict(
                 reward="shapes", flags=["--kl-beta", beta, "--seed", seed], evals=[half])
+    for seed in map(str, seeds):  # the quick start (shapes_b0.01) in half precision
+        runs[f"shapes_bf16_b0.01_s{seed}"] = dict(
+            reward="shapes", flags=["--kl-beta", "0.01", "--dtype", "bfloat16", "--seed", seed], evals=[half])
 
     def add_supervised(lr, gamma, seed):
         runs[f"supervised_lr{lr}_g{gamma}_s{seed}"] = dict(reward="shapes", evals=[half], flags=[
@@ -760,6 +763,10 @@ def results_tables(out, runs):
             folder = os.path.dirname(path)
             with open(path) as f:
                 row = dict(json.load(f)["results"][0], folder=folder)
+            with open(os.path.join(out, name, "metrics.jsonl")) as f:  # training speed, rounding gap
+                metrics = [json.loads(line) for line in f]
+            row.update(seconds=sorted(m["seconds"] for m in metrics)[len(metrics) // 2],
+                       max_rescore_gap=max(m.get("max_rescore_gap", 0.0) for m in metrics))
             analysed = breakdown(folder, quiet=True)
             for when in ("pretrained", "finetuned"):
                 row.update({f"{key}_{when}": v for key, v in analysed[RESULTS_PROMPT, when].items()})
@@ -767,6 +774,8 @@ def results_tables(out, runs):
 
     def cell(rows, key):  # one seed: no spread to show
         mean, std = mean_std([r[key] for r in rows])
+        if key.startswith("max_"):  # a rounding gap: its order of magnitude, the largest seed's
+            return f"{max(r[key] for r in rows):.1e}"
         return f"{mean:{'+' if key.endswith('gain') else ''}.3f}" + f" ± {std:.3f}" * (len(rows) > 1)
 
     last = {run: max(k for r, k in evals if r == run) for run, _ in evals}
@@ -781,7 +790,11 @@ def results_tables(out, runs):
                 ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]),
             ("The value function on and off, single prompt", ("shapes_b0.01", "shapes_novalue"), [
                 ("alignment gain", "reward_gain"), ("exact", "exact_finetuned"),
-                ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")])):
+                ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]),
+            ("Half precision: the quick start in float32 and bfloat16", ("shapes_b0.01", "shapes_bf16"), [
+                ("alignment gain", "reward_gain"), ("exact", "exact_finetuned"),
+                ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound"),
+                ("s / iteration (median)", "seconds"), ("max rescore gap", "max_rescore_gap")])):
         final = {run: evals[run, k] for run, k in last.items() if run.startswith(kinds)}
         if not final:
             continue
@@ -791,7 +804,7 @@ def results_tables(out, runs):
         print("| pretrained | 0 | | " + " | ".join(
             "0" if key == "kl_bound" else f"({pre[key.replace('gain', 'pretrained')]:.3f})"
             if key.endswith("gain") else f"{pre[key.replace('finetuned', 'pretrained')]:.3f}"
-            for _, key in keys) + " |")
+            if key.endswith("finetuned") else "" for _, key in keys) + " |")
         for run, rows in final.items():
             print(f"| {run} | {last[run]} | {len(rows)} | " + " | ".join(cell(rows, key) for _, key in keys) + " |")
         tables[title] = final
