@@ -5,18 +5,20 @@ measured in one run, never timed tests.
     python benchmark.py --sd15 --device cuda --out gpu.json   # SD v1.5's architecture, 512 px
     python benchmark.py --sd15 --latent-size 8 --out t.json   # the same table on CPU, tiny latents
 
-`--sd15` saves offline.sd15_pipeline (SD v1.5's exact architecture, random weights: speed and
+`--sd15` saves architectures.sd15_pipeline (SD v1.5's exact architecture, random weights: speed and
 memory do not depend on their values) and loads it through dpok's own `--model PATH` path, with
 the official single-prompt settings: 10 images x 50 steps, guidance 7.5, value function on,
 beta 0.01, 5 policy updates of 12 micro-batches x 4 transitions (on the CPU, a smoke test of
 2 images x 5 steps and one policy update per iteration unless --images/--steps say otherwise).
 Rewards are image-reward's ImageReward and aesthetic predictor with their real architectures
-and random weights (offline.imagereward_model, offline.aesthetic_model).
+and random weights (architectures.imagereward_model, architectures.aesthetic_model).
 
 One table per configuration, dtype x micro-batching (4 x 12, then 48 x 1: the same gradient),
 biggest last, so that running out of memory ends only the last ones. Per phase: seconds (best of
 --repeats after one warm-up) and peak GPU memory (torch.cuda.max_memory_allocated, reset per
 phase). The rewards do not depend on the UNet's dtype: they are measured once, first.
+Per configuration also the ratio's two scales (README Deviations 6): the rounding gap between the
+rollout and the update's micro-batch shape, and how far one update at --lr moves the ratio.
 """
 
 import argparse
@@ -24,6 +26,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -31,7 +34,8 @@ import diffusers
 import torch
 
 import dpok
-import offline
+import architectures
+import shapes
 
 
 def measure(fn, repeats, cuda, warm_up=True):
@@ -56,13 +60,13 @@ def reward_phases(options, folder, images, prompts):
     from torchvision.transforms.functional import to_pil_image
 
     cuda, rows = options.device.startswith("cuda"), {}
-    compressibility = offline.compressibility_reward
+    compressibility = shapes.compressibility_reward
     rows["reward: compressibility"] = measure(lambda: compressibility(images, prompts), options.repeats, cuda)
     if options.no_imagereward:
         return rows, None, {}
-    model = offline.imagereward_model(os.path.join(folder, "imagereward"), device=options.device)
+    model = architectures.imagereward_model(os.path.join(folder, "imagereward"), device=options.device)
     imagereward = dpok.imagereward_reward(options.device, model)
-    aesthetic = dpok.aesthetic_score(options.device, offline.aesthetic_model(
+    aesthetic = dpok.aesthetic_score(options.device, architectures.aesthetic_model(
         os.path.join(folder, "aesthetic"), device=options.device))
     with torch.no_grad():
         rows["reward: ImageReward, batched"] = measure(
@@ -76,21 +80,43 @@ def reward_phases(options, folder, images, prompts):
 
 
 @torch.no_grad()
-def first_update_rescore(run, args, transitions, batch_size):
-    """The first update re-scores the rollout's own transitions in micro-batches of batch_size:
-    the ratio is exactly 1 only where the UNet's kernels round alike at both batch shapes (half
-    precision may not: README Deviations 6). How far it is, and the share the clip would freeze."""
-    shifts = []
+def rescore(run, args, transitions, batch_size):
+    """The transitions' log-probs under the current weights, in micro-batches of batch_size."""
+    log_probs = []
     for start in range(0, len(transitions["log_prob"]), batch_size):
         micro = {k: v[start:start + batch_size] for k, v in transitions.items()}
         eps = dpok.guided_eps(run.pipe.unet, micro["latents"], micro["timesteps"],
                               run.cond[micro["prompt_index"]], run.uncond, args.guidance)
-        _, log_prob = dpok.ddim_step_logprob(run.pipe.scheduler, eps, micro["timesteps"], micro["latents"],
-                                             args.eta, prev_sample=micro["next_latents"])
-        shifts.append(log_prob - micro["log_prob"])
-    ratio = torch.cat(shifts).exp()
-    return dict(max_abs_ratio_minus_1=(ratio - 1).abs().max().item(),
-                clipped_fraction=((ratio - 1).abs() > args.ratio_clip).float().mean().item())
+        log_probs.append(dpok.ddim_step_logprob(run.pipe.scheduler, eps, micro["timesteps"],
+                                                micro["latents"], args.eta, micro["next_latents"])[1])
+    return torch.cat(log_probs)
+
+
+def rounding_and_update(run, args, batch_size, grad_accum):
+    """README Deviations 6, per configuration. The rounding gap: the rollout's own transitions
+    re-scored at the update's micro-batch shape by the weights that sampled them (the first
+    update takes them as exactly on-policy; later updates and the buffer see this gap). Then the
+    update's effect: one policy update at --lr, and the same transitions re-scored at the same
+    shape: how far a real step moves the ratio, against the gap and the clip."""
+    index = torch.zeros(args.samples_per_iter, dtype=torch.long, device=args.device)
+    transitions, images = dpok.rollout(run.pipe, run.cond, run.uncond, index, args,
+                                       torch.Generator().manual_seed(1))
+    before = rescore(run, args, transitions, batch_size)
+    rewards = dpok.score(run, images, index, measured=False)[0]
+    n = len(transitions["log_prob"])
+    batch = dict(transitions, reward=rewards.repeat_interleave(n // len(rewards)))
+    batch["advantage"] = batch["reward"] - batch["reward"].mean()
+    batch = {k: v[torch.randperm(n, generator=torch.Generator().manual_seed(2))[:batch_size * grad_accum]]
+             for k, v in batch.items()}
+    dpok.update(run, batch, lambda micro: dpok.policy_loss(run.pipe.unet, run.pipe.scheduler, micro, run.cond,
+                                                           run.uncond, args), args)
+    effect = (rescore(run, args, transitions, batch_size) - before).exp().sub(1).abs()
+    gap = (before - transitions["log_prob"]).exp().sub(1).abs()
+    return dict(transitions=n, max_rescore_gap=gap.max().item(),
+                rescore_beyond_clip=(gap > args.ratio_clip).float().mean().item(),
+                update_effect_median=effect.median().item(), update_effect_max=effect.max().item(),
+                update_beyond_clip=(effect > args.ratio_clip).float().mean().item(), lr=args.lr,
+                ratio_clip=args.ratio_clip)
 
 
 def configuration(options, model_args, dtype, batch_size, grad_accum, scorers):
@@ -112,7 +138,7 @@ def configuration(options, model_args, dtype, batch_size, grad_accum, scorers):
                                      generator=torch.Generator().manual_seed(0))
     rows[f"diffusers pipeline call, {n} images x {args.steps} steps"] = measure(pipeline_call, repeats, cuda)
     rows["rollout (same images + transitions + log-probs)"] = measure(sample, repeats, cuda)
-    rescore = first_update_rescore(run, args, sample()[0], batch_size)
+    ratio = rounding_and_update(run, args, batch_size, grad_accum)
     dpok.dpok_iteration(run, args)  # fills the buffer
     if run.value_fn is not None:
         rows["value update"] = measure(lambda: dpok.update_value_function(run, args), repeats, cuda)
@@ -134,7 +160,7 @@ def configuration(options, model_args, dtype, batch_size, grad_accum, scorers):
         second["measured_gib"] = (torch.cuda.memory_allocated() - before) / 2**30
         del unet_copy
     return dict(dtype=dtype, micro_batch=batch_size, grad_accum=grad_accum, phases=rows,
-                first_update=rescore, second_unet=second, adapters_off_reference_gib=0.0,
+                ratio=ratio, second_unet=second, adapters_off_reference_gib=0.0,
                 hours_for_2000_iterations=rows["whole iteration"]["seconds"] * 2000 / 3600)
 
 
@@ -153,36 +179,53 @@ def show(result):
     print(f"  rollout / pipeline call {ratio:.2f}; KL term x{kl:.2f} per update; a second UNet "
           f"would add {result['second_unet']['computed_gib']:.3f} GiB (adapters off: 0); "
           f"2000 iterations: {result['hours_for_2000_iterations']:.1f} h")
-    first = result["first_update"]
-    print(f"  first update re-scores the rollout: max |ratio - 1| {first['max_abs_ratio_minus_1']:.1e}, "
-          f"{first['clipped_fraction']:.0%} of transitions beyond the clip")
+    r = result["ratio"]
+    print(f"  the rollout's {r['transitions']} transitions re-scored at the update's shape: max |ratio - 1| "
+          f"{r['max_rescore_gap']:.1e} ({r['rescore_beyond_clip']:.0%} beyond the clip {r['ratio_clip']:g}); "
+          f"one update at lr {r['lr']:g} moves it by {r['update_effect_median']:.1e} (median), "
+          f"{r['update_effect_max']:.1e} (max), {r['update_beyond_clip']:.0%} beyond the clip")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like dpok.py's bad input
+        sys.exit(print(f"benchmark.py: error: {message}", file=sys.stderr) or 2)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--sd15", action="store_true", help="SD v1.5's architecture (random weights)")
     parser.add_argument("--latent-size", type=int, default=64, help="with --sd15 (64: 512 px)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", nargs="+", help="default: bfloat16 float16 on a GPU; on the "
-                        "CPU float32 (dpok's CPU default) and float16, which says it needs a GPU")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 float16 on a GPU, float32 bfloat16 on the CPU")
     parser.add_argument("--images", type=int, help="images per iteration (default: the world's; "
                         "--sd15 on the CPU: 2)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the world's; --sd15 on the "
                         "CPU: 5)")
+    parser.add_argument("--lr", type=float, help="learning rate of the update whose effect on the ratio is "
+                        "measured (default: the world's; 1e-5 with --sd15, the official)")
+    parser.add_argument("--ratio-clip", type=float, help="(default: the world's; 1e-4 with --sd15, the official)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per phase after a warm-up")
     parser.add_argument("--no-imagereward", action="store_true",
                         help="skip ImageReward and the aesthetic score (rewards: compressibility)")
     parser.add_argument("--out", help="write the tables as JSON to this file")
     options = parser.parse_args(argv)
+    for name in ("images", "steps", "repeats", "latent_size"):
+        if getattr(options, name) is not None and getattr(options, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive whole number")
+    if options.latent_size % 8:  # the UNet halves it three times
+        parser.error(f"--latent-size must be a multiple of 8, got {options.latent_size}")
+    if options.out and (os.path.isdir(options.out) or not os.access(os.path.dirname(os.path.abspath(
+            options.out)), os.W_OK)):
+        parser.error(f"--out {options.out}: not a file that can be written")
     diffusers.utils.logging.disable_progress_bar()
     cuda = options.device.startswith("cuda")
-    options.dtypes = options.dtypes or (["bfloat16", "float16"] if cuda else ["float32", "float16"])
+    options.dtypes = options.dtypes or (["bfloat16", "float16"] if cuda else ["float32", "bfloat16"])
     if options.sd15 and not cuda:  # a smoke test: SD's UNet takes seconds per sample on 2 CPU cores
         options.images, options.steps = options.images or 2, options.steps or 5
     with tempfile.TemporaryDirectory() as folder:
+        model = os.path.join(folder, "sd15")
         if options.sd15:
-            model = os.path.join(folder, "sd15")
-            offline.sd15_pipeline(options.latent_size).to(dtype=torch.float16).save_pretrained(model)
             model_args = ["--model", model, "--reward", "compressibility",
                           "--prompt", "A green colored rabbit"]
         else:
@@ -190,8 +233,15 @@ def main(argv=None):
         model_args += ["--device", options.device, "--out", os.path.join(folder, "unused")]
         model_args += ["--samples-per-iter", str(options.images)] * bool(options.images)
         model_args += ["--steps", str(options.steps)] * bool(options.steps)
+        model_args += ["--lr", str(options.lr)] * (options.lr is not None)
+        model_args += ["--ratio-clip", str(options.ratio_clip)] * (options.ratio_clip is not None)
         model_args += ["--policy-steps", "1"] * (options.sd15 and not cuda)  # CPU smoke test
-        args = dpok.parse_args(model_args)
+        try:  # dpok.py's own checks (rates, device), before any work
+            args = dpok.parse_args(model_args)
+        except dpok.UsageError as e:
+            parser.error(str(e))
+        if options.sd15:
+            architectures.sd15_pipeline(options.latent_size).to(dtype=torch.float16).save_pretrained(model)
         images = torch.rand(args.samples_per_iter, 3, 512 if options.sd15 else 32,
                             512 if options.sd15 else 32, generator=torch.Generator().manual_seed(0))
         prompts = [args.prompt] * len(images)
@@ -205,17 +255,13 @@ def main(argv=None):
         results = []
         for batch_size, grad_accum in ((4, 12), (48, 1)):  # the same 48 transitions, biggest last
             for dtype in options.dtypes:
-                if dtype == "float16" and not cuda:
-                    results.append(dict(dtype=dtype, micro_batch=batch_size, grad_accum=grad_accum,
-                                        error="float16 needs a GPU (not run)"))
-                else:
-                    try:
-                        results.append(configuration(options, model_args, dtype, batch_size,
-                                                     grad_accum, scorers))
-                    except torch.OutOfMemoryError:
-                        torch.cuda.empty_cache()
-                        results.append(dict(dtype=dtype, micro_batch=batch_size,
-                                            grad_accum=grad_accum, error="out of memory"))
+                try:
+                    results.append(configuration(options, model_args, dtype, batch_size,
+                                                 grad_accum, scorers))
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    results.append(dict(dtype=dtype, micro_batch=batch_size,
+                                        grad_accum=grad_accum, error="out of memory"))
                 show(results[-1])
     report = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                   world="sd15" if options.sd15 else "shapes", latent_size=options.latent_size,

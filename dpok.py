@@ -47,13 +47,14 @@ class UsageError(Exception):
 
 
 def offline_world():
-    """offline.py, imported only by the runs that use it: dpok.py alone runs SD with ImageReward."""
-    if importlib.util.find_spec("offline") is None:
-        raise UsageError("--tiny and offline.py's rewards need offline.py beside dpok.py")
-    return importlib.import_module("offline")
+    """shapes.py, imported only by the runs that use it: dpok.py alone runs SD with ImageReward."""
+    if importlib.util.find_spec("shapes") is None:
+        raise UsageError("--tiny and the offline rewards need shapes.py and architectures.py "
+                         "beside dpok.py")
+    return importlib.import_module("shapes")
 
 
-# ---- Hyperparameters: the official code's defaults (PAPER.md Sec. 3) unless marked otherwise
+# ---- Hyperparameters: the official code's defaults (README "The official code") unless marked otherwise
 def opt(default, help, choices=None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
@@ -63,7 +64,7 @@ class Args:
     prompt: str = opt(None, "the single prompt to fine-tune on")
     prompts: str = opt(None, "file with one prompt per line (multi-prompt training)")
     model: str = opt("stable-diffusion-v1-5/stable-diffusion-v1-5", "diffusers model id or path")
-    tiny: bool = opt(False, "the shapes world (offline.py): its shipped tiny model, offline, CPU")
+    tiny: bool = opt(False, "the shapes world (shapes.py): its shipped tiny model, offline, CPU")
     reward: str = opt("imagereward", "the reward (imagereward: the paper's)",
                       ["imagereward", "shapes", "shapes-learned", "compressibility"])
     lora_rank: int = opt(4, "LoRA rank on the UNet attention projections")
@@ -163,7 +164,7 @@ def encode_prompts(pipe, prompts):
     return out.last_hidden_state[:-1], out.last_hidden_state[-1:], out.pooler_output[:-1]
 
 
-# ---- Sampler: one DDIM step is one Gaussian policy action (PAPER.md Sec. 1, paper Sec. 4).
+# ---- Sampler: one DDIM step is one Gaussian policy action (paper Sec. 4).
 def ddim_coefficients(scheduler, timestep, eta):
     """a_t = alphas_cumprod[t], a_prev at the previous DDIM timestep (the final alpha after the
     last step), sigma_t = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)); one per timestep."""
@@ -258,7 +259,7 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
     return transitions, pipe.image_processor.postprocess(images.float(), output_type="pt")
 
 
-# ---- Reward r(x_0, z) and fidelity: ImageReward, aesthetic score (paper); offline.py's, weight-free
+# ---- Reward r(x_0, z) and fidelity: ImageReward, aesthetic score (paper); shapes.py's, weight-free
 def preprocess_batch(preprocess, images):
     """A scorer's own preprocessing (resize 224 bicubic, centre crop, normalise) on a batch of
     tensors in [0, 1], its PIL conversions skipped; equal to the PIL path up to rounding (tested)."""
@@ -305,7 +306,7 @@ REWARDS = {"imagereward": imagereward_reward,
            "shapes-learned": lambda device: offline_world().learned_reward(device),
            "compressibility": lambda device: offline_world().compressibility_reward}
 # Held-out measures {name: fn(images, prompts)}, scored beside the reward, never trained on.
-MEASURES = {"imagereward": aesthetic_score,  # offline.py's own for its rewards:
+MEASURES = {"imagereward": aesthetic_score,  # shapes.py's own for its rewards:
             "shapes": lambda device: offline_world().MEASURES["shapes"],
             "shapes-learned": lambda device: offline_world().MEASURES["shapes-learned"],
             "compressibility": lambda device: {}}
@@ -423,7 +424,7 @@ def all_gather(tensor):
     return torch.cat(dist_nn.all_gather(tensor)) if dist.is_initialized() else tensor
 
 
-# ---- One DPOK iteration (PAPER.md Sec. 3, the paper's Algorithm 1).
+# ---- One DPOK iteration (the paper's Algorithm 1; README "The official code").
 def setup(args, prompts):
     """What a training run holds: the models and their optimizers, the buffer, the RNG state."""
     torch.manual_seed(args.seed)  # LoRA and value-function initialisation
@@ -578,7 +579,7 @@ def collect_supervised_data(run, args):
 
 def supervised_loss(unet, scheduler, batch, cond, args, generator):
     """alpha * w(r) * ||n - eps_theta(x_t, t, z)||^2 + beta * ||eps_theta - eps_pre||^2 on
-    x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n with t uniform, n ~ N(0, I) (PAPER.md Sec. 4).
+    x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n with t uniform, n ~ N(0, I) (paper Sec. 4.2).
     Conditional noise predictions (no guidance, deviation 9), as in diffusion fine-tuning."""
     x0, text = batch["latents"], cond[batch["prompt_index"]]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)

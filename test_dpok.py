@@ -19,7 +19,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import dpok
-import offline
+import architectures
+import results
+import shapes
 
 PROMPT = "three green squares"  # the README's: a count the pretrained shapes model fumbles
 
@@ -494,14 +496,14 @@ def test_prompts_are_shuffled_passes_distinct_within_an_iteration():
 
 def test_analyser_is_right_on_clean_renders_of_every_caption():
     generator = torch.Generator().manual_seed(0)
-    captions = offline.CAPTIONS * 10
-    images = torch.stack([offline.render(c, generator) for c in captions])
-    for scores, caption in zip(offline.analyse(images, captions), captions):
-        assert scores == dict(colour=1.0, count=1.0, shape=1.0, objects=offline.parse_caption(caption)[0],
+    captions = shapes.CAPTIONS * 10
+    images = torch.stack([shapes.render(c, generator) for c in captions])
+    for scores, caption in zip(shapes.analyse(images, captions), captions):
+        assert scores == dict(colour=1.0, count=1.0, shape=1.0, objects=shapes.parse_caption(caption)[0],
                               exact=1.0, clean=1.0)
-    reward = offline.shapes_reward(images[:2], captions[:2])  # standardised by fixed constants
-    torch.testing.assert_close(reward, torch.full((2,), (1 - offline.ALIGNMENT_MEAN)
-                                                  / offline.ALIGNMENT_STD))
+    reward = shapes.shapes_reward(images[:2], captions[:2])  # standardised by fixed constants
+    torch.testing.assert_close(reward, torch.full((2,), (1 - shapes.ALIGNMENT_MEAN)
+                                                  / shapes.ALIGNMENT_STD))
 
 
 def squares(*columns, colour=1, neck=False):
@@ -518,7 +520,7 @@ def squares(*columns, colour=1, neck=False):
 def test_count_is_graded_from_merged_to_nearly_separated_to_separate():
     """Touching shapes are the pretrained model's typical error: a thin neck earns partial credit
     (it is gone after a 1-pixel erosion), so RL has a gradient towards separating them."""
-    count = lambda image: offline.analyse(image, ["two green squares"])[0]["count"]
+    count = lambda image: shapes.analyse(image, ["two green squares"])[0]["count"]
     separate, necked, merged = squares(2, 16), squares(2, 16, neck=True), squares(2, 12)
     assert count(separate) == 1.0 and count(necked) == 0.75 and count(merged) == 0.5
 
@@ -526,18 +528,18 @@ def test_count_is_graded_from_merged_to_nearly_separated_to_separate():
 def test_specks_wrong_colours_and_empty_images_do_not_pass_as_shapes():
     image = squares(10)
     image[0, 1, 20:22, 2:4] = image[0, 1, 25:27, 20:22] = 1.0  # green specks of 4 pixels
-    assert offline.analyse(image, ["one green square"])[0]["count"] == 1.0
-    red = offline.analyse(squares(2, 16, colour=0), ["two green squares"])[0]
+    assert shapes.analyse(image, ["one green square"])[0]["count"] == 1.0
+    red = shapes.analyse(squares(2, 16, colour=0), ["two green squares"])[0]
     assert red["colour"] == 0 and red["count"] == 0 and red["shape"] == 0
-    empty = offline.analyse(torch.zeros(1, 3, 32, 32), ["two green squares"])[0]
+    empty = shapes.analyse(torch.zeros(1, 3, 32, 32), ["two green squares"])[0]
     assert empty["count"] == 0 and empty["clean"] == 1.0  # clean, but not aligned
-    circle = offline.render("one green circle", torch.Generator().manual_seed(0))[None]
-    assert offline.analyse(circle, ["one green square"])[0]["shape"] == 0
+    circle = shapes.render("one green circle", torch.Generator().manual_seed(0))[None]
+    assert shapes.analyse(circle, ["one green square"])[0]["shape"] == 0
 
 
 def test_every_caption_word_is_one_token_of_the_shipped_tokenizer(tiny):
     tokenizer = tiny[0].tokenizer
-    for word in {w for c in offline.CAPTIONS for w in c.split()}:
+    for word in {w for c in shapes.CAPTIONS for w in c.split()}:
         assert len(tokenizer.tokenize(word)) == 1, word
 
 
@@ -551,14 +553,14 @@ def test_shipped_model_draws_the_captions_colours_cleanly(tiny):
     index = torch.arange(4).repeat_interleave(8)
     with dpok.pretrained_model(pipe.unet):
         _, images = dpok.rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(0))
-    scores = offline.analyse(images, [captions[i] for i in index])
+    scores = shapes.analyse(images, [captions[i] for i in index])
     assert sum(s["colour"] for s in scores) / 32 > 0.85
     assert sum(s["clean"] for s in scores) / 32 > 0.9
     assert sum(s["count"] for s in scores) / 32 > 0.6
 
 
 def test_pretraining_losses_fall_and_it_saves_a_loadable_half_precision_pipeline(tmp_path):
-    log = offline.pretrain(str(tmp_path / "world"), vae_steps=30, unet_steps=30, data=256)
+    log = shapes.pretrain(str(tmp_path / "world"), vae_steps=30, unet_steps=30, data=256)
     for losses in (log["vae_mse"], log["unet_loss"]):
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 * 0.8, losses
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "world"))
@@ -570,26 +572,26 @@ def test_pretraining_losses_fall_and_it_saves_a_loadable_half_precision_pipeline
 
 def test_tiny_is_the_shipped_model_folder_with_the_tiny_defaults(tmp_path):
     args = dpok.parse_args(["--tiny", "--prompt", PROMPT])
-    assert args.model == os.path.join(os.path.dirname(offline.__file__), "tiny-shapes")
-    assert (args.reward, args.steps, args.lr) == ("shapes", 20, offline.TINY_DEFAULTS["lr"])
+    assert args.model == os.path.join(os.path.dirname(shapes.__file__), "tiny-shapes")
+    assert (args.reward, args.steps, args.lr) == ("shapes", 20, shapes.TINY_DEFAULTS["lr"])
 
 
-LEARNED = os.path.join(offline.TINY_DEFAULTS["model"], offline.LEARNED_REWARD)
+LEARNED = os.path.join(shapes.TINY_DEFAULTS["model"], shapes.LEARNED_REWARD)
 
 
 def test_learned_reward_agrees_with_the_analyser_on_seeds_it_never_saw():
     """The shipped learned reward, trained on the pretrained model's samples at seeds 0-47 (the
     last 12 held out), against the analyser on fresh samples of every caption at other seeds."""
-    pipe = StableDiffusionPipeline.from_pretrained(offline.TINY_DEFAULTS["model"],
+    pipe = StableDiffusionPipeline.from_pretrained(shapes.TINY_DEFAULTS["model"],
                                                    torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    images = torch.cat([pipe(offline.CAPTIONS, num_inference_steps=20, guidance_scale=4.0, eta=1.0,
+    images = torch.cat([pipe(shapes.CAPTIONS, num_inference_steps=20, guidance_scale=4.0, eta=1.0,
                              generator=torch.Generator().manual_seed(1000 + s), output_type="pt").images
                         for s in range(3)])
-    captions = offline.CAPTIONS * 3
+    captions = shapes.CAPTIONS * 3
     with torch.no_grad():
-        learned = offline.learned_reward()(images, captions)
-    truth = offline.shapes_reward(images, captions)
+        learned = shapes.learned_reward()(images, captions)
+    truth = shapes.shapes_reward(images, captions)
     r = torch.corrcoef(torch.stack([learned, truth]))[0, 1].item()
     log = json.load(open(LEARNED + ".json"))
     # Measured: r = 0.78 on these 108 samples, 0.84 on the 432 held-out samples of its log.
@@ -601,13 +603,13 @@ def test_learned_reward_agrees_with_the_analyser_on_seeds_it_never_saw():
 def test_learned_reward_training_writes_weights_log_and_constants(tmp_path):
     import shutil
     folder = tmp_path / "tiny-shapes"
-    shutil.copytree(offline.TINY_DEFAULTS["model"], folder)
-    log = offline.train_learned_reward(str(folder), seeds=3, held_out_seeds=2, epochs=20)
+    shutil.copytree(shapes.TINY_DEFAULTS["model"], folder)
+    log = shapes.train_learned_reward(str(folder), seeds=3, held_out_seeds=2, epochs=20)
     assert sum(log["loss"][-5:]) / 5 < log["loss"][0] and log["agreement"]["pairs"] > 0
-    reward = offline.learned_reward(folder=str(folder))
-    images = offline.render(offline.CAPTIONS[0], torch.Generator().manual_seed(0))[None]
-    assert torch.isfinite(reward(images, offline.CAPTIONS[:1])).all()
-    assert os.path.getsize(folder / (offline.LEARNED_REWARD + ".safetensors")) < 300_000
+    reward = shapes.learned_reward(folder=str(folder))
+    images = shapes.render(shapes.CAPTIONS[0], torch.Generator().manual_seed(0))[None]
+    assert torch.isfinite(reward(images, shapes.CAPTIONS[:1])).all()
+    assert os.path.getsize(folder / (shapes.LEARNED_REWARD + ".safetensors")) < 300_000
 
 
 def test_learned_reward_run_reports_the_analyser_as_judge(tmp_path, capsys):
@@ -628,7 +630,7 @@ def test_learned_reward_run_reports_the_analyser_as_judge(tmp_path, capsys):
 def test_compressibility_reward_prefers_flat_images():
     flat = torch.full((1, 3, 32, 32), 0.5)
     noisy = torch.rand((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
-    assert offline.compressibility_reward(flat, [""]) > offline.compressibility_reward(noisy, [""])
+    assert shapes.compressibility_reward(flat, [""]) > shapes.compressibility_reward(noisy, [""])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,7 +640,7 @@ def test_compressibility_reward_prefers_flat_images():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The README's first command at half its iterations (75; the whole run is 2.5-6 minutes,
-    and `offline.py --results` remakes it), and the same with beta = 10 for 20 iterations."""
+    and `python results.py` remakes it), and the same with beta = 10 for 20 iterations."""
     out = {}
     for beta, iterations in (("0.01", "75"), ("10", "20")):
         path = tmp_path_factory.mktemp(f"beta{beta}") / "run"
@@ -669,9 +671,9 @@ def test_outputs_metrics_grids_and_loadable_lora(runs):
         assert key in lines[0]
     assert (out / "samples_00000.png").exists() and (out / "samples_00074.png").exists()
     # The saved LoRA reproduces the trained model in a fresh pipeline through diffusers' loader.
-    trained = StableDiffusionPipeline.from_pretrained(offline.TINY_DEFAULTS["model"])
+    trained = StableDiffusionPipeline.from_pretrained(shapes.TINY_DEFAULTS["model"])
     trained.load_lora_weights(str(out))
-    fresh = StableDiffusionPipeline.from_pretrained(offline.TINY_DEFAULTS["model"])
+    fresh = StableDiffusionPipeline.from_pretrained(shapes.TINY_DEFAULTS["model"])
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
     emb = torch.randn(2, 8, 64)
     with torch.no_grad():
@@ -764,6 +766,52 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path
     assert not out.exists()
 
 
+OTHER_COMMANDS = {"results": results.main, "shapes": shapes.main, "benchmark": None}
+OTHER_BAD_INPUTS = [  # OUT: a folder that must stay unwritten
+    ("results", ["OUT", "--jobs", "0"], "--jobs must be at least 1"),
+    ("results", ["OUT", "--jobs", "two"], "argument --jobs: invalid int value: 'two'"),
+    ("results", ["OUT", "--horizon", "0"], "--horizon must be at least 1"),
+    ("results", ["OUT", "--eval-samples", "1"], "--eval-samples must be at least 2"),
+    ("results", ["OUT", "--seeds", "-1"], "--seeds must be distinct whole numbers"),
+    ("results", ["OUT", "--seeds", "0", "0"], "--seeds must be distinct whole numbers"),
+    ("results", [], "give the results FOLDER"),
+    ("results", ["test_dpok.py"], "test_dpok.py is not a writable folder"),
+    ("results", ["--breakdown", "OUT"], "no eval.json there"),
+    ("results", ["OUT", "--breakdown", "."], "not both"),
+    ("results", ["OUT", "--no-such-flag"], "unrecognized arguments"),
+    ("shapes", ["--out", "OUT", "--vae-steps", "0"], "--vae-steps must be a positive whole number"),
+    ("shapes", ["--out", "OUT", "--unet-steps", "-5"], "--unet-steps must be a positive whole number"),
+    ("shapes", ["--out", "OUT", "--seed", "-1"], "--seed must be in [0, 2^63)"),
+    ("shapes", ["--out", "OUT", "--device", "tpu"], "--device 'tpu': use cpu, or a CUDA GPU"),
+    ("shapes", ["--out", "OUT", "--learned-reward-only"], "no pretrained pipeline in"),
+    ("shapes", ["--out", "test_dpok.py/x"], "--out test_dpok.py/x: Not a directory"),
+    ("shapes", ["--out", "OUT", "--vae-steps", "1e3"], "argument --vae-steps: invalid int value"),
+    ("benchmark", ["--out", "OUT.json", "--images", "0"], "--images must be a positive whole number"),
+    ("benchmark", ["--out", "OUT.json", "--steps", "-1"], "--steps must be a positive whole number"),
+    ("benchmark", ["--out", "OUT.json", "--repeats", "0"], "--repeats must be a positive whole number"),
+    ("benchmark", ["--out", "OUT.json", "--latent-size", "12"], "--latent-size must be a multiple of 8"),
+    ("benchmark", ["--out", "OUT.json", "--lr", "nan"], "--lr must be a finite number >= 0"),
+    ("benchmark", ["--out", "OUT.json", "--ratio-clip", "0"], "--ratio-clip 0 leaves nothing to train"),
+    ("benchmark", ["--out", "OUT.json", "--device", "tpu"], "unknown --device 'tpu'"),
+    ("benchmark", ["--out", "OUT.json", "--dtypes", "int8"], "argument --dtypes: invalid choice"),
+    ("benchmark", ["--out", "."], "--out .: not a file that can be written"),
+]
+
+
+@pytest.mark.parametrize("command,argv,message", OTHER_BAD_INPUTS, ids=[m for _, _, m in OTHER_BAD_INPUTS])
+def test_every_other_command_line_treats_bad_input_alike(command, argv, message, tmp_path, capsys):
+    """results.py, shapes.py and benchmark.py: one line, exit 2, nothing written, no work done."""
+    import benchmark
+    out = tmp_path / "out"
+    main = OTHER_COMMANDS[command] or benchmark.main
+    with pytest.raises(SystemExit) as stop:
+        main([a.replace("OUT", str(out)) for a in argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{command}.py: error: ") and message in err[0], err
+    assert os.listdir(tmp_path) == []
+
+
 def test_unreadable_prompts_files_are_rejected(tmp_path, capsys):
     empty, binary = tmp_path / "empty.txt", tmp_path / "latin1.txt"
     empty.write_text("\n  \n")
@@ -785,19 +833,19 @@ def test_missing_model_offline_says_use_tiny(model, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "o").exists()
 
 
-def test_dpok_py_alone_needs_offline_py_only_for_the_offline_world(tmp_path):
-    # A copy of dpok.py without offline.py beside it, as forked into another project: the real
-    # world's command parses without importing offline.py; --tiny says what is missing.
+def test_dpok_py_alone_needs_shapes_py_only_for_the_offline_world(tmp_path):
+    # A copy of dpok.py without shapes.py beside it, as forked into another project: the real
+    # world's command parses without importing shapes.py; --tiny says what is missing.
     (tmp_path / "dpok.py").write_bytes(open(dpok.__file__, "rb").read())
     code = ("import sys, dpok; dpok.parse_args(['--prompt', 'A green colored rabbit']); "
-            "assert 'offline' not in sys.modules; "
+            "assert 'shapes' not in sys.modules; "
             "sys.exit(dpok.main(['--tiny', '--prompt', 'three green squares', '--out', 'o']))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == ("dpok: error: --tiny and offline.py's "
-                                                      "rewards need offline.py beside dpok.py")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "dpok: error: --tiny and the offline rewards need shapes.py and architectures.py beside dpok.py")
     assert not (tmp_path / "o").exists()
 
 
@@ -853,7 +901,7 @@ def test_non_finite_reward_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_p
     def poisoned(device):
         def reward(images, prompts):
             calls.append(1)
-            r = offline.shapes_reward(images, prompts)
+            r = shapes.shapes_reward(images, prompts)
             return r * float("nan") if len(calls) == 5 else r
         return reward
 
@@ -985,21 +1033,21 @@ def test_eval_of_a_prompts_file_writes_each_prompt_and_their_mean(runs, tmp_path
     assert mean["reward_gain_se"] == pytest.approx((sum(x * x for x in se)) ** 0.5 / 3)
     assert min(se) / 3 ** 0.5 < mean["reward_gain_se"] < max(se)  # smaller than one prompt's
     assert capsys.readouterr().out.count("mean of 3 prompts") == 1
-    tiles = offline.eval_tiles(tmp_path / "eval")  # one grid per prompt: 2 rows of 4
+    tiles = results.eval_tiles(tmp_path / "eval")  # one grid per prompt: 2 rows of 4
     assert sorted(os.listdir(tmp_path / "eval")) == ["eval.json", "eval_000.png", "eval_001.png", "eval_002.png"]
     assert set(tiles) == {(p, w) for p in prompts for w in ("pretrained", "finetuned")}
-    rescored = offline.shapes_reward(tiles[prompts[1], "finetuned"], [prompts[1]] * 4).mean().item()
+    rescored = shapes.shapes_reward(tiles[prompts[1], "finetuned"], [prompts[1]] * 4).mean().item()
     assert rescored == pytest.approx(rows[1]["reward_finetuned"], abs=0.05)  # the 8-bit grid's rounding
 
 
 def test_the_multi_prompt_split_is_by_colour_and_shape_and_its_files_are_in_the_repository():
-    split = offline.SPLIT
-    assert sorted(sum(split.values(), [])) == sorted(offline.CAPTIONS)  # each caption in one group
+    split = shapes.SPLIT
+    assert sorted(sum(split.values(), [])) == sorted(shapes.CAPTIONS)  # each caption in one group
     assert [len(split[g]) for g in ("trained", "unseen", "held-out")] == [16, 15, 5]
     assert not any("green" in c or "triangle" in c for c in split["trained"])
     assert all("green" in c or "triangle" in c for c in split["unseen"])
-    assert split["held-out"] == offline.HELD_OUT
-    for group, path in offline.PROMPT_FILES.items():
+    assert split["held-out"] == shapes.HELD_OUT
+    for group, path in shapes.PROMPT_FILES.items():
         assert open(path).read().splitlines() == split[group], path
 
 
@@ -1010,11 +1058,11 @@ def smooth_images(n, size, seed=0):
 
 
 def test_batched_imagereward_equals_its_per_image_score(tmp_path):
-    """The real BLIP-based ImageReward with random weights (offline.imagereward_model, no download):
+    """The real BLIP-based ImageReward with random weights (architectures.imagereward_model, no download):
     one batched forward with the preprocessing on tensors scores each image as the package's own
     per-image `score` of a PIL image does. A code-path and equality check, not a quality check."""
     from torchvision.transforms.functional import to_pil_image
-    model = offline.imagereward_model(tmp_path)
+    model = architectures.imagereward_model(tmp_path)
     prompts = [PROMPT, "a green colored rabbit", PROMPT, "two red circles"]
     images = smooth_images(4, 64)
     with torch.no_grad():
@@ -1031,7 +1079,7 @@ def test_batched_aesthetic_score_equals_its_per_file_score(tmp_path, monkeypatch
     tower of the same output width (768) in place of ViT-L/14's: one batched forward scores each
     image as the package's `score` of its PNG file does."""
     import ImageReward
-    model = offline.aesthetic_model(tmp_path, vision_layers=1, vision_width=64)
+    model = architectures.aesthetic_model(tmp_path, vision_layers=1, vision_width=64)
     images = smooth_images(4, 32, seed=1)
     from torchvision.transforms.functional import to_pil_image
     alone = []
@@ -1114,27 +1162,27 @@ def test_lora_file_is_an_ordinary_file(tmp_path):
 
 
 def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkeypatch, capsys):
-    """`python offline.py --results` in a reduced form (1 beta, 1 seed, 2 iterations, 4 eval
+    """`python results.py FOLDER` in a reduced form (1 beta, 1 seed, 2 iterations, 4 eval
     seeds, two multi-prompt groups of one caption): every run evaluated at its points, on each of
     its groups, the tables and figures; a second call runs nothing."""
-    monkeypatch.setattr(offline, "BETAS", ("1",))
-    monkeypatch.setattr(offline, "SUPERVISED_GRID", [("3e-4", "1")])
+    monkeypatch.setattr(results, "BETAS", ("1",))
+    monkeypatch.setattr(results, "SUPERVISED_GRID", [("3e-4", "1")])
     files = {group: tmp_path / f"{group}.txt" for group in ("trained", "unseen")}
     for group, path in files.items():
-        path.write_text(offline.SPLIT[group][0] + "\n")
-    monkeypatch.setattr(offline, "PROMPT_FILES", {group: str(path) for group, path in files.items()})
-    tables = offline.reproduce(str(tmp_path / "results"), seeds=[0], jobs=2, horizon=2, eval_samples=4)
+        path.write_text(shapes.SPLIT[group][0] + "\n")
+    monkeypatch.setattr(shapes, "PROMPT_FILES", {group: str(path) for group, path in files.items()})
+    tables = results.reproduce(str(tmp_path / "results"), seeds=[0], jobs=2, horizon=2, eval_samples=4)
     tmp_path = tmp_path / "results"
-    runs = offline.results_runs([0], horizon=2, out=str(tmp_path))
+    runs = results.results_runs([0], horizon=2, out=str(tmp_path))
     assert sorted(runs) == ["learned_b1_s0", "multi_b0.001_s0", "multi_novalue_b0.001_s0",
-                            "multi_supervised_s0", "shapes_b1_s0",
+                            "multi_supervised_s0", "shapes_b1_s0", "shapes_bf16_b0.01_s0",
                             "shapes_novalue_b0.01_s0", "supervised_lr3e-4_g1_s0"]
     for name, spec in runs.items():
         for k in spec["evals"]:  # learned: [1, 2] (a quarter of the horizon each); others: [1]
             for group in spec.get("groups", [""]):
-                result = json.load(open(offline.evaluated(tmp_path / name, k, group)))["results"][0]
+                result = json.load(open(results.evaluated(tmp_path / name, k, group)))["results"][0]
                 assert result["kl_bound"] > 0
-                assert result["prompt"] == (offline.SPLIT[group][0] if group else offline.RESULTS_PROMPT)
+                assert result["prompt"] == (shapes.SPLIT[group][0] if group else results.RESULTS_PROMPT)
     assert runs["learned_b1_s0"]["evals"] == [1, 2]
     assert set(tables["Multi-prompt"]) == {(group, run) for group in files for run in (
         "multi_b0.001", "multi_novalue_b0.001", "multi_supervised")}
@@ -1143,17 +1191,19 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
     out = capsys.readouterr().out
     assert "| learned_b1 | 2 | 1 |" in out and "| supervised_lr3e-4_g1 | 1 | 1 |" in out
     assert "| unseen (1) | multi_novalue_b0.001 | 1 |" in out
+    half = tables["Half precision: the quick start in float32 and bfloat16"]  # speed, rounding gap
+    assert set(half) == {"shapes_bf16_b0.01"} and half["shapes_bf16_b0.01"][0]["seconds"] > 0
     for figure in ("overoptimisation.png", "overoptimisation_eval.png", "value_function.png"):
         assert (tmp_path / figure).exists(), figure
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in runs}
     start = time.time()
-    assert offline.reproduce(str(tmp_path), seeds=[0], jobs=2, horizon=2, eval_samples=4).keys() == tables.keys()
+    assert results.reproduce(str(tmp_path), seeds=[0], jobs=2, horizon=2, eval_samples=4).keys() == tables.keys()
     assert time.time() - start < 30 and logs == {name: (tmp_path / f"{name}.log").read_text() for name in runs}
 
 
 def test_results_calibrate_the_baseline_at_the_first_seed_then_run_its_best_at_the_others(tmp_path):
-    grid = offline.SUPERVISED_GRID
-    first = offline.results_runs([0, 1, 2], horizon=300, out=str(tmp_path))
+    grid = results.SUPERVISED_GRID
+    first = results.results_runs([0, 1, 2], horizon=300, out=str(tmp_path))
     assert [n for n in first if n.startswith("supervised")] == [
         f"supervised_lr{lr}_g{gamma}_s0" for lr, gamma in grid]  # not calibrated yet: seed 0 only
     assert first[f"supervised_lr{grid[0][0]}_g{grid[0][1]}_s0"]["flags"][:6] == [
@@ -1162,7 +1212,7 @@ def test_results_calibrate_the_baseline_at_the_first_seed_then_run_its_best_at_t
         os.makedirs(tmp_path / f"supervised_lr{lr}_g{gamma}_s0" / "eval_0150")
         json.dump({"results": [{"reward_gain": 1.0 if i == 3 else 0.1 * i}]},
                   open(tmp_path / f"supervised_lr{lr}_g{gamma}_s0" / "eval_0150" / "eval.json", "w"))
-    then = offline.results_runs([0, 1, 2], horizon=300, out=str(tmp_path))
+    then = results.results_runs([0, 1, 2], horizon=300, out=str(tmp_path))
     lr, gamma = grid[3]
     assert set(then) - set(first) == {f"supervised_lr{lr}_g{gamma}_s1", f"supervised_lr{lr}_g{gamma}_s2",
                                       "multi_supervised_s0", "multi_supervised_s1", "multi_supervised_s2"}
@@ -1170,7 +1220,7 @@ def test_results_calibrate_the_baseline_at_the_first_seed_then_run_its_best_at_t
     assert then["multi_supervised_s1"]["flags"] == [
         "--supervised", "--supervised-samples", "300", "--lr", lr, "--kl-beta", gamma, "--seed", "1"]
     assert then["multi_supervised_s1"]["prompt"] == then["multi_b0.001_s1"]["prompt"] == [
-        "--prompts", offline.PROMPT_FILES["trained"]]
+        "--prompts", shapes.PROMPT_FILES["trained"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1184,7 +1234,7 @@ SD15 = ["--prompt", "A green colored rabbit", "--reward", "compressibility", "--
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd15") / "model"
-    offline.sd15_pipeline(sample_size=16).to(dtype=torch.float16).save_pretrained(folder)
+    architectures.sd15_pipeline(sample_size=16).to(dtype=torch.float16).save_pretrained(folder)
     return folder
 
 
@@ -1195,18 +1245,17 @@ def test_sd15_architecture_trains_and_evaluates_through_the_model_path(sd15, dty
         # oneDNN has bfloat16 kernels); the tiny world's bfloat16 ratio test still runs here
         pytest.skip("this CPU has no native bfloat16: SD's UNet in bfloat16 takes far too long")
     out = tmp_path / "run"
-    # micro-batches of the rollout's 2 images (x 2): see the ratio below
+    # micro-batches of 4 transitions against the rollout's 2 images: on a Xeon with AMX in
+    # bfloat16 this shape pair put every transition beyond the official 1e-4 clip (Deviations 6)
     argv = [*SD15, "--model", str(sd15), "--dtype", dtype, "--iterations", "2", "--policy-steps",
-            "1", "--grad-accum", "2", "--batch-size", "2", "--buffer-size", "12",
-            "--value-batch-size", "6", "--lr", "1e-3", "--out", str(out)]
+            "1", "--grad-accum", "1", "--batch-size", "4", "--buffer-size", "12",
+            "--value-batch-size", "6", "--lr", "1e-3", "--ratio-clip", "1e-30", "--out", str(out)]
     assert dpok.main(argv) == 0
     assert "256 LoRA tensors (797,184 weights)" in capsys.readouterr().err  # official rank-4 LoRA
     first = numbers(out / "metrics.jsonl")[0]
-    # Before the first update the policy is the one that sampled: ratio 1, none clamped at the
-    # official 1e-4 clip, in bfloat16 too (log-probs are float32 on the stored latents) where the
-    # UNet runs at the rollout's batch shape (measured on a Xeon with AMX, bfloat16, micro-batches
-    # of 4 against the rollout's 2: every transition beyond the clip; README Deviations 6).
-    assert first["clipfrac"] == 0 and abs(first["ratio"] - 1) < 1e-6, first
+    # Before the first update the policy is the one that sampled: every ratio exactly 1 (a clip
+    # whose bounds round to 1 clips none), whatever the kernels do at either shape
+    assert first["clipfrac"] == 0 and first["ratio"] == pytest.approx(1, abs=1e-7), first
     pipe = StableDiffusionPipeline.from_pretrained(sd15)
     pipe.load_lora_weights(str(out))
     from peft.utils import get_peft_model_state_dict
@@ -1347,7 +1396,7 @@ def poisoned_rank(rank, port, out):
     def poisoned(device):
         def reward(images, prompts):
             calls.append(1)
-            r = offline.shapes_reward(images, prompts)
+            r = shapes.shapes_reward(images, prompts)
             return r * float("nan") if rank == 1 and len(calls) == 3 else r
         return reward
 
@@ -1383,7 +1432,7 @@ def test_supervised_runs_under_torchrun_and_eval_refuses_it(tmp_path, capsys, mo
 
 def test_benchmark_measures_every_phase_of_every_configuration(tmp_path):
     import benchmark
-    report = benchmark.main(["--images", "2", "--steps", "2", "--repeats", "1",
+    report = benchmark.main(["--images", "6", "--steps", "2", "--repeats", "1",
                              "--out", str(tmp_path / "bench.json")])
     saved = json.load(open(tmp_path / "bench.json"))
     assert saved == json.loads(json.dumps(report))
@@ -1393,19 +1442,21 @@ def test_benchmark_measures_every_phase_of_every_configuration(tmp_path):
     # two dtypes, then the same 48 transitions in one micro-batch: biggest last
     configs = saved["configurations"]
     assert [(c["dtype"], c["micro_batch"], c["grad_accum"]) for c in configs] == [
-        ("float32", 4, 12), ("float16", 4, 12), ("float32", 48, 1), ("float16", 48, 1)]
+        ("float32", 4, 12), ("bfloat16", 4, 12), ("float32", 48, 1), ("bfloat16", 48, 1)]
     for c in configs:
-        if c["dtype"] == "float16":  # the CPU has none
-            assert c["error"] == "float16 needs a GPU (not run)"
-            continue
         assert set(c["phases"]) == {
-            "diffusers pipeline call, 2 images x 2 steps",
+            "diffusers pipeline call, 6 images x 2 steps",
             "rollout (same images + transitions + log-probs)", "value update",
             "policy update, no KL term", "policy update, with KL term", "whole iteration"}
         assert all(p["seconds"] > 0 and p["peak_gib"] is None for p in c["phases"].values())
         # the official code's second UNet: every frozen UNet weight once more, in float32
         assert c["second_unet"]["computed_gib"] * 2**30 == pytest.approx(4 * 1_489_028)
-        # float32 re-scores the rollout's transitions within 1e-5 at a micro-batch of 4 or of 48
-        assert c["first_update"]["max_abs_ratio_minus_1"] < 1e-5 and c["first_update"]["clipped_fraction"] == 0
         assert c["hours_for_2000_iterations"] == pytest.approx(
             c["phases"]["whole iteration"]["seconds"] * 2000 / 3600)
+        # the rollout's 12 transitions (6 images x 2 steps, in UNet calls of 6) re-scored at the
+        # update's shape: 3 micro-batches of 4, or one of 12; then moved by one real update
+        ratio = c["ratio"]
+        assert ratio["transitions"] == 12 and ratio["update_effect_max"] > 0
+        if c["dtype"] == "float32":  # float32 rounds alike within 1e-5; the update moves it further
+            assert ratio["max_rescore_gap"] < 1e-5 and ratio["rescore_beyond_clip"] == 0
+            assert ratio["update_effect_median"] > 10 * ratio["max_rescore_gap"]

@@ -1,0 +1,150 @@
+"""The real models' architectures with random weights, built in code (no download): what the
+tests and benchmark.py run the real `--model PATH` and reward code paths on, without a GPU.
+
+- `sd15_pipeline`: Stable Diffusion v1.5's exact architecture, tokenizer and scheduler config
+  (tests on a CPU at a small latent size; speed and memory at 64x64 latents on a GPU).
+- `imagereward_model`, `aesthetic_model`: image-reward's ImageReward and aesthetic predictor with
+  their real architectures (tests; benchmark.py's reward phase).
+- `clip_tokenizer`, `clip_text_model`, `sd_pipeline`: the pieces, also used by the shapes world.
+"""
+
+import gzip
+import json
+import os
+import tempfile
+
+import torch
+
+def clip_tokenizer(merges, max_length):
+    """A CLIPTokenizer over CLIP's byte-level BPE with the given merges (pairs of symbols).
+    The vocabulary is built the way CLIP builds it: 256 bytes, the same as word ends, one token
+    per merge, then the two special tokens."""
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w") as f:
+            json.dump({token: i for i, token in enumerate(vocab)}, f)
+        with open(os.path.join(tmp, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                             model_max_length=max_length)
+
+
+def clip_text_model(tokenizer, **sizes):
+    """A random CLIPTextModel (quick-GELU, CLIP's default) sized to the tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **sizes))
+
+
+def sd_pipeline(text_encoder, tokenizer, unet, vae, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def sd15_pipeline(sample_size=64, seed=0):
+    """Stable Diffusion v1.5's exact architecture with random weights (no download).
+
+    UNet 320/640/1280/1280 with two layers per block, cross-attention 768 and 8 heads; the VAE
+    128/256/512/512; CLIP ViT-L/14's text tower (12 layers of width 768, quick-GELU) with the real
+    CLIP BPE vocabulary, which ships inside the `clip-anytorch` package; and the PNDM scheduler
+    config SD ships (clip_sample false included: DDIM's default would clip). `sample_size` is
+    the latent size: 64 is SD's 512 px, a smaller one makes a CPU run cheap.
+    """
+    import clip
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    bpe = os.path.join(os.path.dirname(clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(bpe, "rt", encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
+    tokenizer = clip_tokenizer(merges, max_length=77)
+    # diffusers' UNet defaults are SD v1's (320/640/1280/1280, 2 layers, 8 heads) but for the
+    # cross-attention width.
+    unet = UNet2DConditionModel(sample_size=sample_size, cross_attention_dim=768)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        sample_size=sample_size * 8, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4)
+    text_encoder = clip_text_model(tokenizer, hidden_size=768, intermediate_size=3072,
+                                   num_hidden_layers=12, num_attention_heads=12,
+                                   projection_dim=768, hidden_act="quick_gelu")
+    scheduler = PNDMScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, num_train_timesteps=1000))
+    return sd_pipeline(text_encoder, tokenizer, unet, vae, scheduler)
+
+
+def imagereward_model(folder, seed=0, device="cpu"):
+    """image-reward's ImageReward (BLIP ViT-L + a 12-layer BERT with cross-attention, 447 M
+    weights) with random weights, built offline in `folder`: BLIP's tokenizer loads
+    "bert-base-uncased" from the working directory first, so a vocabulary of the special tokens
+    and single letters (every word becomes its letters) is written there, with BERT-base's
+    `med_config.json`. The package initialises its scoring MLP so small that every score is the
+    same; it is redrawn here (xavier) so that scores depend on the image and the prompt."""
+    import contextlib
+    import string
+    import warnings
+
+    with warnings.catch_warnings():  # its `clip` dependency warns about pkg_resources
+        warnings.simplefilter("ignore")
+        import ImageReward
+
+    os.makedirs(os.path.join(folder, "bert-base-uncased"), exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+             *("##" + c for c in string.ascii_lowercase)]
+    with open(os.path.join(folder, "bert-base-uncased", "vocab.txt"), "w") as f:
+        f.write("\n".join(words) + "\n")
+    config = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1, hidden_act="gelu",
+                  hidden_dropout_prob=0.1, hidden_size=768, initializer_range=0.02,
+                  intermediate_size=3072, layer_norm_eps=1e-12, max_position_embeddings=512,
+                  model_type="bert", num_attention_heads=12, num_hidden_layers=12, pad_token_id=0,
+                  type_vocab_size=2, vocab_size=30524, encoder_width=1024, add_cross_attention=True)
+    with open(os.path.join(folder, "med_config.json"), "w") as f:
+        json.dump(config, f)
+    torch.manual_seed(seed)
+    with contextlib.chdir(folder):
+        model = ImageReward.ImageReward(med_config="med_config.json", device=device)
+    for layer in model.mlp.layers:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.xavier_normal_(layer.weight)
+    return model.to(device).eval()
+
+
+def aesthetic_model(folder, seed=0, device="cpu", vision_layers=24, vision_width=1024):
+    """image-reward's AestheticScore (a CLIP image tower + an MLP) with random weights, offline:
+    CLIP ViT-L/14's image tower by default (24 layers of width 1024, patch 14, 768-wide output);
+    a test passes a narrower, shallower tower of the same output width."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import clip
+        from ImageReward.models.AestheticScore import AestheticScore
+
+    torch.manual_seed(seed)
+    tower = clip.model.CLIP(
+        embed_dim=768, image_resolution=224, vision_layers=vision_layers, vision_width=vision_width,
+        vision_patch_size=14, context_length=77, vocab_size=49408, transformer_width=768,
+        transformer_heads=12, transformer_layers=1)
+    real_load = clip.load
+    clip.load = lambda *args, **kwargs: (tower, clip.clip._transform(224))  # no download
+    try:
+        model = AestheticScore(download_root=folder, device=device)
+    finally:
+        clip.load = real_load
+    for layer in model.mlp.layers:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.xavier_normal_(layer.weight)
+    return model.to(device).eval()
+
