@@ -49,8 +49,7 @@ class UsageError(Exception):
 def offline_world():
     """shapes.py, imported only by the runs that use it: dpok.py alone runs SD with ImageReward."""
     if importlib.util.find_spec("shapes") is None:
-        raise UsageError("--tiny and the offline rewards need shapes.py and architectures.py "
-                         "beside dpok.py")
+        raise UsageError("--tiny and the offline rewards need shapes.py and architectures.py beside dpok.py")
     return importlib.import_module("shapes")
 
 
@@ -116,8 +115,8 @@ def ddim_scheduler(config, steps):
                          f"{scheduler.config.num_train_timesteps} training timesteps")
     for name in ("clip_sample", "thresholding"):
         if scheduler.config[name]:
-            say(f"dpok: note: the DPOK sampler does not implement the model scheduler's {name}; "
-                "it samples without", file=sys.stderr)
+            say(f"note: the DPOK sampler does not implement the model scheduler's {name}; "
+                "it samples without")
     return DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
 
 
@@ -134,10 +133,9 @@ def load_pipeline(args):
         raise UsageError(
             f"cannot load model {args.model!r} ({type(e).__name__}); download it once with "
             f"`huggingface-cli download {args.model}` while online, or run offline with --tiny")
-    pipe.to(args.device, dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False).eval()
-    return pipe
+    for module in (pipe.vae, pipe.text_encoder):  # frozen (add_lora freezes the UNet's own weights)
+        module.requires_grad_(False)
+    return pipe.to(args.device, dtype)
 
 
 def add_lora(unet, rank):
@@ -197,8 +195,7 @@ def ddim_step_logprob(scheduler, model_output, timestep, sample, eta, prev_sampl
     stochastic = sigma > 0
     std = torch.where(stochastic, sigma, torch.ones_like(sigma))
     log_prob = -((prev_sample - mu) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
-    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
-    return prev_sample, log_prob.mean(dim=(1, 2, 3))
+    return prev_sample, (log_prob * stochastic).mean(dim=(1, 2, 3))
 
 
 def guided_eps(unet, latents, timesteps, cond, uncond, guidance):
@@ -224,24 +221,28 @@ def pretrained_model(unet):
 
 # ---- Rollout: sample trajectories x_T -> x_0 and store every stochastic transition.
 @torch.no_grad()
-def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
+def rollout(pipe, cond, uncond, prompt_index, args, generator, kl_bound=False):
     """Sample len(prompt_index) images with the current UNet (LoRA on); returns (transitions,
     images in [0, 1]). `transitions` holds, per (image, step), flattened image-major: latents x_t,
     next_latents x_{t-1}, timesteps t, step (0..T-1), prompt_index, log_prob (the old log-prob,
     float32, of exactly the stored x_{t-1}), on_policy (True: sampled by the UNet's weights as they
-    are now), and with keep_eps the guided eps_theta(x_t) (eval)."""
+    are now), and with kl_bound (eval) kl, the step's exact KL to the pretrained model."""
     scheduler, unet = pipe.scheduler, pipe.unet
     scheduler.set_timesteps(args.steps, device=pipe.device)
     n, size = len(prompt_index), unet.config.sample_size
     x = torch.randn((n, unet.config.in_channels, size, size), generator=generator,
                     device=generator.device).to(pipe.device) * scheduler.init_noise_sigma
-    latents, log_probs, eps_seen = [x], [], []
+    latents, log_probs, kl = [x], [], []
     for t in scheduler.timesteps:
         eps = guided_eps(unet, x, t, cond[prompt_index], uncond, args.guidance)
+        if kl_bound:  # KL_t of two Gaussians with one sigma_t, summed over latent dims
+            with pretrained_model(unet):
+                eps_pre = guided_eps(unet, x, t, cond[prompt_index], uncond, args.guidance)
+            weight = kl_step_weight(scheduler, t, args.eta).to(x.device)  # sigma_t = 0: not kept
+            kl.append(weight * ((eps - eps_pre) ** 2).sum(dim=(1, 2, 3)))
         x, log_prob = ddim_step_logprob(scheduler, eps, t, x, args.eta, generator=generator)
         latents.append(x)
         log_probs.append(log_prob)
-        eps_seen.append(eps)  # returned only with keep_eps
     latents = torch.stack(latents, dim=1)  # (B, T + 1, 4, h, w)
     keep = ddim_coefficients(scheduler, scheduler.timesteps, args.eta)[2].to(pipe.device) > 0  # (T,)
     transitions = dict(
@@ -252,9 +253,8 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, keep_eps=False):
         step=torch.arange(len(scheduler.timesteps), device=pipe.device)[keep].repeat(n),
         prompt_index=prompt_index.repeat_interleave(int(keep.sum())),
         on_policy=torch.ones(n * int(keep.sum()), dtype=torch.bool, device=pipe.device),
+        **({"kl": torch.stack(kl, dim=1)[:, keep].flatten()} if kl_bound else {}),  # (B * T',)
     )
-    if keep_eps:
-        transitions["eps"] = torch.stack(eps_seen, dim=1)[:, keep].flatten(0, 1)  # (B * T', 4, h, w)
     images = pipe.vae.decode(x.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
     return transitions, pipe.image_processor.postprocess(images.float(), output_type="pt")
 
@@ -294,22 +294,20 @@ def aesthetic_score(device, model=None):
     try:
         model = model or sys.modules["ImageReward"].load_score("Aesthetic", device=device)
     except Exception as e:  # offline before its first download
-        say(f"dpok: note: no aesthetic score ({type(e).__name__})", file=sys.stderr)
+        say(f"note: no aesthetic score ({type(e).__name__})")
         return {}
     pixels = lambda images: preprocess_batch(model.preprocess, images).to(device, model.clip_model.dtype)
     return dict(fidelity=lambda images, prompts: model.mlp(F.normalize(
         model.clip_model.encode_image(pixels(images))).float()).squeeze(1))
 
 
-REWARDS = {"imagereward": imagereward_reward,
-           "shapes": lambda device: offline_world().shapes_reward,
-           "shapes-learned": lambda device: offline_world().learned_reward(device),
-           "compressibility": lambda device: offline_world().compressibility_reward}
-# Held-out measures {name: fn(images, prompts)}, scored beside the reward, never trained on.
-MEASURES = {"imagereward": aesthetic_score,  # shapes.py's own for its rewards:
-            "shapes": lambda device: offline_world().MEASURES["shapes"],
-            "shapes-learned": lambda device: offline_world().MEASURES["shapes-learned"],
-            "compressibility": lambda device: {}}
+def reward_and_measures(name, device):
+    """The reward r(x_0, z), fn(images in [0, 1], prompts) -> one score per image, and the held-out
+    measures {name: fn(images, prompts)} scored beside it, never trained on."""
+    if name == "imagereward":  # the paper's, with the aesthetic score as fidelity
+        return imagereward_reward(device), aesthetic_score(device)
+    world = offline_world()  # shapes.py's, weight-free
+    return world.REWARDS[name](device), world.MEASURES[name]
 
 
 # ---- Value function V(x_t, z, t) (official code, v_flag = 1): a baseline for the advantage.
@@ -382,8 +380,7 @@ def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
     """Backward the mean loss over `batch` in micro-batches of `batch_size`, each weighted by its
     share of the batch: the summed gradient is the full batch's exactly, whatever the slicing.
     Returns the batch-mean of the stats that loss_fn reports (the max of a max_ stat)."""
-    n = len(batch["reward"])
-    stats = {}
+    n, stats = len(batch["reward"]), {}
     for start in range(0, n, batch_size):
         micro = {k: v[start:start + batch_size] for k, v in batch.items()}
         share = len(micro["reward"]) / n
@@ -400,9 +397,9 @@ def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def say(message, **kwargs):  # rank 0 alone prints; RANK is set before the process group is
+def say(message, lead=""):  # rank 0 alone speaks; RANK is set before the process group is
     if os.environ.get("RANK", "0") == "0":
-        print(message, **kwargs)
+        print(f"{lead}dpok: {message}", file=sys.stderr)
 
 
 def average_over_ranks(stats, params):
@@ -434,9 +431,10 @@ def setup(args, prompts):
     latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
     value_fn = None if args.no_value or args.supervised else ValueFunction(
         latent_dim, text_features.shape[-1], args.steps).to(args.device)
+    reward_fn, measures = reward_and_measures(args.reward, args.device)
     return SimpleNamespace(
         pipe=pipe, prompts=prompts, cond=cond, uncond=uncond, text_features=text_features,
-        reward_fn=REWARDS[args.reward](args.device), measures=MEASURES[args.reward](args.device),
+        reward_fn=reward_fn, measures=measures,
         optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),  # official: no decay
         scaler=torch.amp.GradScaler(torch.device(args.device).type, enabled=args.dtype == "float16"),
         params=params, value_fn=value_fn,  # V's optimizer: torch's default weight decay (official)
@@ -542,8 +540,7 @@ def dpok_iteration(run, args):
 
 
 def iteration_metrics(rewards, measures, updates, value_loss=None):
-    """Reward and held-out measures of the iteration's samples (all ranks'), each update stat's mean
-    (a max_ stat's max)."""
+    """The iteration's samples' (all ranks') reward and measures; its update stats' means (or max)."""
     stats = {k: [u[k] for u in updates] for k in updates[0]}
     return dict(reward_mean=rewards.mean().item(), **measures,
                 reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,  # 1 image: no spread
@@ -572,8 +569,7 @@ def collect_supervised_data(run, args):
             scores.append(score(run, images, chunk, measured=False)[:2])
     rewards, everyone = (torch.cat(s) for s in zip(*scores))  # this rank's, all ranks'
     weight = (rewards - everyone.min()) / (everyone.max() - everyone.min()).clamp(min=1e-12)
-    say(f"dpok: supervised data: {len(everyone)} images, reward {everyone.mean():.4f} "
-        f"+- {everyone.std():.4f}", file=sys.stderr)
+    say(f"supervised data: {len(everyone)} images, reward {everyone.mean():.4f} +- {everyone.std():.4f}")
     return dict(latents=torch.cat(latents), prompt_index=index, reward=weight)
 
 
@@ -715,7 +711,7 @@ def train(args):
     rank, size = world()
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    history, first, told = [], 0, False
+    history, first = [], 0
     if saved is not None:  # resume: restore every state, drop metrics of unsaved iterations
         run.pipe.unet.load_state_dict(saved["lora"], strict=False)
         for name in STATEFUL:
@@ -732,10 +728,10 @@ def train(args):
                 f.writelines(json.dumps(m) + "\n" for m in history)
     elif args.supervised:  # the baseline's fixed data set plays the buffer's part
         run.buffer = collect_supervised_data(run, args)
-    say(f"dpok: {args.model} on {args.device} ({args.dtype}{f', {size} processes' * (size > 1)}), "
+    say(f"{args.model} on {args.device} ({args.dtype}{f', {size} processes' * (size > 1)}), "
         f"reward {args.reward}, {len(prompts)} prompt(s), {len(run.params)} LoRA tensors "
         f"({sum(p.numel() for p in run.params):,} weights)"
-        + (f"; resuming at iteration {first}" if saved else ""), file=sys.stderr)
+        + (f"; resuming at iteration {first}" if saved else ""))
     iterate = supervised_iteration if args.supervised else dpok_iteration
 
     # First SIGINT/SIGTERM: finish the iteration in flight, save, exit. A second: stop at once.
@@ -759,13 +755,11 @@ def train(args):
                                       "checkpoint in --out is the last good state", 1)
             metrics = dict(iteration=iteration, **metrics, seconds=time.time() - start)
             history.append(metrics)
-            if metrics.get("max_rescore_gap", 0) > args.ratio_clip and not told:  # said once
-                told = say(f"dpok: note: {args.dtype} rounds the rollout and the update apart on "
-                           f"{args.device}: |ratio - 1| up to {metrics['max_rescore_gap']:.1e} of "
-                           f"fresh samples, beyond --ratio-clip {args.ratio_clip:g}. The first update "
-                           "is exact by construction, later ones clip by rounding alone: use "
-                           f"--batch-size {args.samples_per_iter} (the rollout's shape) or --dtype "
-                           "float32", file=sys.stderr) or True
+            if iteration == first and metrics.get("max_rescore_gap", 0) > args.ratio_clip:  # once
+                say(f"note: {args.dtype} rounds the rollout and the update apart by "
+                    f"{metrics['max_rescore_gap']:.1e}, beyond --ratio-clip {args.ratio_clip:g}: later "
+                    f"updates clip by rounding alone; use --batch-size {args.samples_per_iter} (the "
+                    "rollout's shape) or --dtype float32")
             if rank == 0:  # metrics (of all ranks), rank 0's images, the progress bar
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -797,7 +791,6 @@ def train(args):
 def plot_curves(history, path, keys):
     """The metrics `keys` per iteration, one panel each, as a PNG (no display needed)."""
     from matplotlib.figure import Figure  # imported here: only a finished run draws
-
     figure = Figure(figsize=(6, 2 + 1.5 * len(keys)))
     for ax, key in zip(figure.subplots(len(keys), 1, sharex=True), keys):
         ax.plot(*zip(*[(m["iteration"], m[key]) for m in history if m[key] is not None]))
@@ -808,26 +801,13 @@ def plot_curves(history, path, keys):
 
 
 # ---- Evaluation: pretrained vs fine-tuned on the same seeds; the fine-tuned model's KL bound
-def kl_bound(pipe, transitions, cond, uncond, args):
-    """Exact KL_t of each stored transition: two Gaussians with the same sigma_t, summed over
-    latent dims. Summed over t it bounds KL(p_theta(x_0|z) || p_pre(x_0|z)) (paper's lemma)."""
-    step_kl = []
-    for idx in torch.arange(len(transitions["log_prob"])).split(args.samples_per_iter):
-        b = {k: v[idx.to(v.device)] for k, v in transitions.items()}
-        with pretrained_model(pipe.unet):  # eps_theta was kept by the rollout
-            eps_pre = guided_eps(pipe.unet, b["latents"], b["timesteps"], cond[b["prompt_index"]],
-                                 uncond, args.guidance)
-        weight = kl_step_weight(pipe.scheduler, b["timesteps"], args.eta).to(eps_pre.device)
-        step_kl.append(weight * ((b["eps"] - eps_pre) ** 2).sum(dim=(1, 2, 3)))
-    return torch.cat(step_kl)  # (transitions,), image-major like the rollout
-
-
 @torch.no_grad()
 def evaluate(args):
     prompts = read_prompts(args)
     check_writable(args.out)  # eval.json and eval.png may go beside the run they evaluate
     pipe = load_pipeline(args)
-    scorers = dict(reward=REWARDS[args.reward](args.device), **MEASURES[args.reward](args.device))
+    reward_fn, measures = reward_and_measures(args.reward, args.device)
+    scorers = dict(reward=reward_fn, **measures)
     try:
         pipe.load_lora_weights(args.lora)
     except Exception as e:
@@ -843,12 +823,13 @@ def evaluate(args):
         for chunk in torch.full((args.eval_samples,), p, device=args.device).split(args.samples_per_iter):
             with pretrained_model(pipe.unet):
                 before.append(rollout(pipe, cond, uncond, chunk, args, seeds[0])[1])
-            transitions, images = rollout(pipe, cond, uncond, chunk, args, seeds[1], keep_eps=True)
+            # Summed over t, the steps' KL bounds KL(p_theta(x_0|z) || p_pre(x_0|z)) (paper's lemma)
+            transitions, images = rollout(pipe, cond, uncond, chunk, args, seeds[1], kl_bound=True)
             after.append(images)
-            kl.append(kl_bound(pipe, transitions, cond, uncond, args).unflatten(0, (len(chunk), -1)))
+            kl.append(transitions["kl"])
         grid = "eval.png" if len(prompts) == 1 else f"eval_{p:03d}.png"  # one per prompt: readable
         save_image(torch.cat(before + after), os.path.join(args.out, grid), nrow=args.eval_samples)
-        rows.append(dict(prompt=prompt, kl_bound=torch.cat(kl).sum(1).mean().item()))
+        rows.append(dict(prompt=prompt, kl_bound=torch.cat(kl).sum().item() / args.eval_samples))
         for name, fn in scorers.items():
             pre, fine = (fn(torch.cat(x), [prompt] * args.eval_samples).float() for x in (before, after))
             gain = fine - pre  # paired: the same seeds, so its error is the pairs'
@@ -1001,10 +982,10 @@ def main(argv=None):
             dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
         evaluate(args) if args.eval else train(args)
     except UsageError as e:  # every rank decides alike; rank 0 says it
-        say(f"dpok: error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except TrainingStopped as e:
-        say(f"\ndpok: {e.args[0]}", file=sys.stderr)
+        say(e.args[0], "\n")
         return e.args[1]
     finally:
         for sig, handler in handlers.items():

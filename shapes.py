@@ -243,12 +243,6 @@ class LearnedReward(torch.nn.Module):
         return self.head(F.adaptive_avg_pool2d(h, 4).flatten(1)).squeeze(1)
 
 
-# The held-out measures of the offline rewards (dpok.MEASURES), never trained on: the clean
-# fraction (fidelity) and, beside the learned reward, the analyser as the judge.
-MEASURES = {"shapes": dict(fidelity=clean_fraction),
-            "shapes-learned": dict(judge=shapes_reward, fidelity=clean_fraction)}
-
-
 def shapes_tokenizer():
     """A CLIPTokenizer in which every caption word is one token: start from no merges, and while a
     word splits, merge its first two pieces (BPE applies merges in order, so this converges)."""
@@ -440,6 +434,15 @@ def learned_reward(device="cpu", folder=TINY_DEFAULTS["model"]):
     with open(os.path.join(folder, LEARNED_REWARD + ".json")) as f:
         constants = json.load(f)["standardise"]
     return lambda images, prompts: (model(images.to(device), prompts) - constants["mean"]) / constants["std"]
+
+
+# dpok.py's offline rewards, {--reward: fn(device) -> reward fn}, and their held-out measures,
+# never trained on: the clean fraction (fidelity) and, beside the learned reward, the analyser
+# as the judge.
+REWARDS = {"shapes": lambda device: shapes_reward, "shapes-learned": learned_reward,
+           "compressibility": lambda device: compressibility_reward}
+MEASURES = {"shapes": dict(fidelity=clean_fraction), "compressibility": {},
+            "shapes-learned": dict(judge=shapes_reward, fidelity=clean_fraction)}
 
 
 def main(argv=None):
