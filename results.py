@@ -211,7 +211,7 @@ def results_tables(out, runs):
                 ("learned reward gain", "reward_gain"), ("judge gain", "judge_gain"),
                 ("count", "count_finetuned"), ("objects found", "objects_finetuned"),
                 ("exact", "exact_finetuned"), ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]),
-            ("DPOK and supervised with the analyser's reward", ("shapes_b", "supervised"), [
+            ("DPOK and supervised with the analyser's reward", (*[f"shapes_b{beta}" for beta in BETAS[:3]], "supervised"), [
                 ("alignment gain", "reward_gain"), ("count", "count_finetuned"), ("exact", "exact_finetuned"),
                 ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]),
             ("The value function on and off, single prompt", ("shapes_b0.01", "shapes_novalue"), [
@@ -258,11 +258,40 @@ def results_tables(out, runs):
                               cell(rows, key) for key in ("fidelity_finetuned", "kl_bound")) + " |")
         tables["Multi-prompt"] = multi
     value_figure(out, runs)
+    multi_prompt_figure(out, runs)
     if any(run.startswith("learned") for run, _ in evals):
         hack_table({run: [r["folder"] for r in rows] for run, rows in tables[
             "Over-optimisation: DPOK with the learned reward"].items()})
         overoptimisation_figure(out, evals)
     return tables
+
+
+def multi_prompt_figure(out, runs):
+    """Training seed 0's first 16 eval seeds of one caption per group, three rows each:
+    pretrained, multi-prompt DPOK, multi-prompt supervised. The caption is the one whose mean DPOK
+    gain over the seeds is the largest (in the held-out group: the lowest), to show what changes."""
+    from torchvision.utils import save_image
+
+    methods, rows = [f"multi_b{MULTI_BETA}_s0", "multi_supervised_s0"], []
+    for group in shapes.PROMPT_FILES:
+        folders = [os.path.dirname(evaluated(os.path.join(out, name), runs[name]["evals"][-1], group))
+                   for name in methods if name in runs]
+        if len(folders) < 2 or not all(os.path.exists(os.path.join(f, "eval.json")) for f in folders):
+            continue
+        gains = {}  # caption -> DPOK's gain at every seed
+        for name, spec in runs.items():
+            if name.startswith(f"multi_b{MULTI_BETA}_s") and os.path.exists(
+                    path := evaluated(os.path.join(out, name), spec["evals"][-1], group)):
+                with open(path) as f:
+                    for row in json.load(f)["results"]:
+                        gains.setdefault(row["prompt"], []).append(row["reward_gain"])
+        pick = (min if group == "held-out" else max)(gains, key=lambda p: sum(gains[p]) / len(gains[p]))
+        dpok_tiles, supervised_tiles = (eval_tiles(f) for f in folders)
+        rows += [dpok_tiles[pick, "pretrained"][:16], dpok_tiles[pick, "finetuned"][:16],
+                 supervised_tiles[pick, "finetuned"][:16]]
+    if rows:
+        grid = F.interpolate(torch.cat(rows), scale_factor=2, mode="nearest")
+        save_image(grid, os.path.join(out, "multi_prompt_eval.png"), nrow=len(rows[0]), pad_value=1)
 
 
 def value_figure(out, runs):
