@@ -4,6 +4,7 @@
 Run: python -m pytest -q test_dpok.py
 """
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -23,6 +24,7 @@ import architectures
 import results
 import shapes
 
+slow = pytest.mark.slow  # the full suite only (conftest.py)
 PROMPT = "three green squares"  # the README's: a count the pretrained shapes model fumbles
 
 
@@ -53,6 +55,20 @@ def hub_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
+@contextlib.contextmanager
+def child(*argv, stdout=None):
+    """`python argv` in the repository as a process group, killed with its children (torchrun's
+    ranks) if the test ends before it does."""
+    proc = subprocess.Popen([sys.executable, *argv], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)), start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def tiny_pipeline(device="cpu"):
     """A tiny pipeline with fresh LoRA adapters (the untouched fine-tuned model)."""
     args = tiny_args("--device", device, out="unused")
@@ -60,6 +76,24 @@ def tiny_pipeline(device="cpu"):
     params = dpok.add_lora(pipe.unet, args.lora_rank)
     cond, uncond, _ = dpok.encode_prompts(pipe, [PROMPT])
     return pipe, params, cond, uncond, args
+
+
+@contextlib.contextmanager
+def perturbed_lora(params, scale=0.05):
+    """The LoRA weights (B included, which starts at 0) moved off the pretrained point, then put
+    back: a fine-tuned model that differs from the pretrained one."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                   .to(p.device))
+    try:
+        yield params
+    finally:
+        with torch.no_grad():
+            for p, original in zip(params, saved):
+                p.copy_(original)
+                p.grad = None
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +108,7 @@ def tiny_on_device(tiny, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampler (PAPER.md Sec. 1)
+# Models and sampler: DDIM steps as Gaussian policy actions (paper Sec. 4)
 
 
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
@@ -128,12 +162,13 @@ def test_deterministic_final_step_has_no_log_prob_and_is_not_stored(tiny):
     pipe.scheduler = scheduler
     try:
         transitions, images = dpok.rollout(pipe, cond, uncond, torch.zeros(2, dtype=torch.long),
-                                           args, torch.Generator().manual_seed(0))
+                                           args, torch.Generator().manual_seed(0), kl_bound=True)
     finally:
         pipe.scheduler = original
-    assert len(transitions["log_prob"]) == 2 * (args.steps - 1)
+    assert len(transitions["log_prob"]) == len(transitions["kl"]) == 2 * (args.steps - 1)
     assert last not in transitions["timesteps"]
-    assert torch.isfinite(transitions["log_prob"]).all()
+    # nor in eval's KL bound, where its KL_t (sigma_t = 0) has no value
+    assert torch.isfinite(transitions["log_prob"]).all() and torch.isfinite(transitions["kl"]).all()
 
 
 def test_rollout_images_equal_diffusers_pipeline_call(tiny_on_device):
@@ -145,6 +180,157 @@ def test_rollout_images_equal_diffusers_pipeline_call(tiny_on_device):
                guidance_scale=args.guidance, eta=args.eta, output_type="pt",
                generator=torch.Generator().manual_seed(7)).images
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_scheduler_settings_the_sampler_does_not_implement_are_refused_or_switched_off(capsys):
+    """ddim_step_logprob is DDIMScheduler.step without clipping or thresholding, for epsilon
+    prediction: any other config would make every log-prob silently wrong."""
+    config = {k: v for k, v in sd_scheduler().config.items() if not k.startswith("_")}
+    with pytest.raises(dpok.UsageError, match="epsilon prediction only"):
+        dpok.ddim_scheduler({**config, "prediction_type": "v_prediction"}, 10)
+    for setting in ("clip_sample", "thresholding"):
+        scheduler = dpok.ddim_scheduler({**config, setting: True}, 10)
+        assert not scheduler.config.clip_sample and not scheduler.config.thresholding
+        assert setting in capsys.readouterr().err
+    # Why: a config that omits clip_sample gets DDIM's default, True, which changes the step.
+    config.pop("clip_sample")
+    clipping, sampler = DDIMScheduler.from_config(config), dpok.ddim_scheduler(config, 10)
+    for scheduler in (clipping, sampler):
+        scheduler.set_timesteps(10)
+    x, eps, t = 3 * torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), sampler.timesteps[0]
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours, _ = dpok.ddim_step_logprob(sampler, eps, t, x, 1.0, generator=torch.Generator().manual_seed(0))
+    plain = sampler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+    clipped = clipping.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    assert clipping.config.clip_sample and (ours - clipped).abs().max() > 0.1
+
+
+def test_prompt_encoding_equals_diffusers_and_pools_the_end_of_text_state(tiny):
+    pipe = tiny[0]
+    prompts = [PROMPT, "a red car"]
+    cond, uncond, pooled = dpok.encode_prompts(pipe, prompts)
+    ref_cond, ref_uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
+    torch.testing.assert_close(cond, ref_cond)
+    torch.testing.assert_close(uncond, ref_uncond[:1])
+    for i, prompt in enumerate(prompts):  # the value function's text feature (deviation 7)
+        end_of_text = len(pipe.tokenizer(prompt).input_ids) - 1
+        torch.testing.assert_close(pooled[i], cond[i, end_of_text])
+
+
+# ---------------------------------------------------------------------------------------------
+# KL regulariser (paper Sec. 4)
+
+
+def test_adapters_off_is_the_pretrained_model_so_kl_is_zero_only_for_the_untouched_one(tiny):
+    """p_pre is the same UNet with its LoRA switched off (deviation 5): for a fine-tuned LoRA it
+    gives back exactly the untouched (B = 0) model, and the KL regulariser is zero only there."""
+    pipe, params, cond, uncond, args = tiny
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([981, 501, 1])
+    eps_of = lambda: dpok.guided_eps(pipe.unet, x, t, cond.expand(3, -1, -1), uncond, args.guidance)
+    with torch.no_grad():
+        untouched = eps_of()
+        with perturbed_lora(params):
+            fine_tuned = eps_of()
+            with dpok.pretrained_model(pipe.unet):
+                eps_pre = eps_of()
+        assert torch.equal(eps_of(), untouched)  # put back
+    assert torch.equal(eps_pre, untouched)
+    assert torch.equal(dpok.kl_regulariser(untouched, eps_pre), torch.zeros(3))
+    assert (dpok.kl_regulariser(fine_tuned, eps_pre) > 1e-6).all()
+    assert untouched.abs().mean() > 0.01  # not trivially zero
+
+
+def test_eps_kl_times_step_weight_is_the_gaussian_kl():
+    scheduler = sd_scheduler()
+    gen = torch.Generator().manual_seed(4)
+    for t in scheduler.timesteps:
+        x, eps, eps_pre = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+        zero = torch.zeros_like(x)
+        mu = scheduler.step(eps, t, x, eta=1.0, variance_noise=zero).prev_sample
+        mu_pre = scheduler.step(eps_pre, t, x, eta=1.0, variance_noise=zero).prev_sample
+        sigma = reference_sigma(scheduler, t)
+        exact = torch.distributions.kl_divergence(torch.distributions.Normal(mu, sigma),
+                                                  torch.distributions.Normal(mu_pre, sigma))
+        ours = dpok.kl_step_weight(scheduler, t, 1.0) * dpok.kl_regulariser(eps, eps_pre)
+        torch.testing.assert_close(ours, exact.mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy gradient and its importance ratio (paper Sec. 4; the official train_online_pg.py)
+
+
+def fake_batch(pipe, cond, uncond, args, n, seed):
+    index = torch.zeros(n // args.steps + 1, dtype=torch.long, device=args.device)
+    transitions, _ = dpok.rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(seed))
+    batch = {k: v[:n] for k, v in transitions.items()}
+    batch["reward"] = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(args.device)
+    batch["advantage"] = batch["reward"]
+    return batch
+
+
+def policy_gradient(pipe, batch, cond, uncond, args):
+    loss_fn = lambda m: dpok.policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, args)
+    return dpok.accumulate_gradient(loss_fn, batch, args.batch_size)
+
+
+def lora_grads(params):
+    return [p.grad.clone() for p in params]
+
+
+def test_accumulated_gradient_equals_full_batch_gradient(tiny_on_device):
+    pipe, params, cond, uncond, args = tiny_on_device
+    with perturbed_lora(params):  # off the pretrained point, so the KL term has a gradient too
+        batch = fake_batch(pipe, cond, uncond, args, 8, seed=5)
+        grads = {}
+        for batch_size, beta in ((8, "0.5"), (3, "0.5"), (8, "0")):  # 3 does not divide 8
+            for p in params:
+                p.grad = None
+            micro = tiny_args("--batch-size", str(batch_size), "--kl-beta", beta, "--device",
+                              args.device, out="unused")
+            policy_gradient(pipe, batch, cond, uncond, micro)
+            grads[batch_size, beta] = lora_grads(params)
+    for full, accumulated in zip(grads[8, "0.5"], grads[3, "0.5"]):
+        # float32 summation order only: 1e-4 of the gradient's scale (a wrong weighting of the
+        # uneven micro-batches is off by ~10%)
+        torch.testing.assert_close(accumulated, full, rtol=1e-4, atol=1e-4 * full.abs().max())
+    size = lambda grads: sum(g.abs().sum() for g in grads)
+    kl_part = [a - b for a, b in zip(grads[8, "0.5"], grads[8, "0"])]
+    assert size(grads[8, "0"]) > 0 and size(kl_part) > 1e-3 * size(grads[8, "0"])  # both terms count
+
+
+def test_only_lora_weights_receive_gradients(tiny):
+    pipe, params, cond, uncond, args = tiny
+    batch = fake_batch(pipe, cond, uncond, args, 4, seed=6)
+    policy_gradient(pipe, batch, cond, uncond, args)
+    with_grad = {n for n, p in pipe.unet.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora" in n for n in with_grad)
+    assert len(with_grad) == len(params)
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+    for p in params:
+        p.grad = None
+
+
+def test_positive_advantage_raises_the_log_prob_of_its_action(tiny):
+    """Direction of the policy gradient: one step on a transition with A > 0 makes it likelier."""
+    pipe, params, cond, uncond, args = tiny
+    batch = fake_batch(pipe, cond, uncond, args, 4, seed=8)
+    batch["advantage"] = torch.ones(4)
+    snapshot = [p.detach().clone() for p in params]
+    run = tiny_args("--kl-beta", "0", out="unused")
+    policy_gradient(pipe, batch, cond, uncond, run)
+    with torch.no_grad():
+        for p in params:
+            p.sub_(1e-3 * p.grad)
+            p.grad = None
+        eps = dpok.guided_eps(pipe.unet, batch["latents"], batch["timesteps"], cond.expand(4, -1, -1),
+                              uncond, args.guidance)
+        _, new = dpok.ddim_step_logprob(pipe.scheduler, eps, batch["timesteps"], batch["latents"],
+                                        args.eta, prev_sample=batch["next_latents"])
+        for p, old in zip(params, snapshot):
+            p.copy_(old)
+    assert (new - batch["log_prob"]).mean() > 0
 
 
 def rounding_by_batch_shape(monkeypatch, shift):
@@ -159,14 +345,25 @@ def rounding_by_batch_shape(monkeypatch, shift):
 EXACT = "1e-30"  # a ratio clip whose bounds round to 1: any ratio not bit for bit 1 is clipped
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("shift", [0.0, 1e-3], ids=["real kernels", "rounding by batch shape"])
-@pytest.mark.parametrize("shape", [
-    ["--samples-per-iter", "10", "--batch-size", "4"],  # SD's: rollout 10, micro-batches of 4
-    ["--samples-per-iter", "16", "--batch-size", "32"],  # --tiny's defaults
-    ["--samples-per-iter", "4", "--batch-size", "3", "--guidance", "1"],  # 3 does not divide 16
-    ["--samples-per-iter", "6", "--batch-size", "5", "--prompts", "shapes-prompts/unseen.txt"],
-], ids=["rollout 10 by 4", "rollout 16 by 32", "uneven, no guidance", "several prompts"])
+RATIO_SHAPES = {  # rollouts and micro-batches
+    "rollout 10 by 4": ["--samples-per-iter", "10", "--batch-size", "4"],  # SD's defaults
+    "rollout 16 by 32": ["--samples-per-iter", "16", "--batch-size", "32"],  # --tiny's defaults
+    "uneven, no guidance": ["--samples-per-iter", "4", "--batch-size", "3", "--guidance", "1"],
+    "several prompts": ["--samples-per-iter", "6", "--batch-size", "5", "--prompts",
+                        "shapes-prompts/unseen.txt"],
+}
+SHIFTS = {"real kernels": 0.0, "rounding by batch shape": 1e-3}
+# Every shape, shift and dtype in the full suite; the fast tier takes each of them once.
+FAST_RATIO = {("rollout 10 by 4", "rounding by batch shape", "bfloat16"),
+              ("rollout 16 by 32", "real kernels", "float32"),
+              ("uneven, no guidance", "rounding by batch shape", "float16"),
+              ("several prompts", "real kernels", "bfloat16")}
+
+
+@pytest.mark.parametrize("shape,shift,dtype", [
+    pytest.param(RATIO_SHAPES[shape], SHIFTS[shift], dtype, id=f"{shape}-{shift}-{dtype}",
+                 marks=[] if (shape, shift, dtype) in FAST_RATIO else [slow])
+    for shape in RATIO_SHAPES for shift in SHIFTS for dtype in ("float32", "bfloat16", "float16")])
 def test_importance_ratio_of_fresh_samples_is_exactly_one_at_the_first_update(
         shape, shift, dtype, monkeypatch, tmp_path):
     """Before the first optimizer step the policy is the one that sampled: the ratio of every
@@ -212,9 +409,10 @@ def test_only_samples_of_the_current_weights_are_scored_on_policy(monkeypatch, t
         assert not run.buffer["on_policy"].any()
 
 
+@slow
 def test_a_run_says_once_when_its_rollout_and_update_round_apart(monkeypatch, tmp_path, capsys):
     rounding_by_batch_shape(monkeypatch, 1e-3)
-    argv = ["--tiny", "--prompt", PROMPT, *FAST, "--iterations", "3", "--ratio-clip", "1e-4"]
+    argv = ["--tiny", "--prompt", PROMPT, *FAST, "--iterations", "2", "--ratio-clip", "1e-4"]
     assert dpok.main([*argv, "--out", str(tmp_path / "a")]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "round" in line]
     assert len(notes) == 1 and "beyond --ratio-clip 0.0001" in notes[0], notes
@@ -227,159 +425,8 @@ def test_a_run_says_once_when_its_rollout_and_update_round_apart(monkeypatch, tm
     assert all(r["max_rescore_gap"] < 1e-5 for r in numbers(tmp_path / "b" / "metrics.jsonl"))
 
 
-def test_scheduler_settings_the_sampler_does_not_implement_are_refused_or_switched_off(capsys):
-    """ddim_step_logprob is DDIMScheduler.step without clipping or thresholding, for epsilon
-    prediction: any other config would make every log-prob silently wrong."""
-    config = {k: v for k, v in sd_scheduler().config.items() if not k.startswith("_")}
-    with pytest.raises(dpok.UsageError, match="epsilon prediction only"):
-        dpok.ddim_scheduler({**config, "prediction_type": "v_prediction"}, 10)
-    for setting in ("clip_sample", "thresholding"):
-        scheduler = dpok.ddim_scheduler({**config, setting: True}, 10)
-        assert not scheduler.config.clip_sample and not scheduler.config.thresholding
-        assert setting in capsys.readouterr().err
-    # Why: a config that omits clip_sample gets DDIM's default, True, which changes the step.
-    config.pop("clip_sample")
-    clipping, sampler = DDIMScheduler.from_config(config), dpok.ddim_scheduler(config, 10)
-    for scheduler in (clipping, sampler):
-        scheduler.set_timesteps(10)
-    x, eps, t = 3 * torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), sampler.timesteps[0]
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ours, _ = dpok.ddim_step_logprob(sampler, eps, t, x, 1.0, generator=torch.Generator().manual_seed(0))
-    plain = sampler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
-    clipped = clipping.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
-    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
-    assert clipping.config.clip_sample and (ours - clipped).abs().max() > 0.1
-
-
-def test_prompt_encoding_equals_diffusers_and_pools_the_end_of_text_state(tiny):
-    pipe = tiny[0]
-    prompts = [PROMPT, "a red car"]
-    cond, uncond, pooled = dpok.encode_prompts(pipe, prompts)
-    ref_cond, ref_uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
-    torch.testing.assert_close(cond, ref_cond)
-    torch.testing.assert_close(uncond, ref_uncond[:1])
-    for i, prompt in enumerate(prompts):  # the value function's text feature (deviation 7)
-        end_of_text = len(pipe.tokenizer(prompt).input_ids) - 1
-        torch.testing.assert_close(pooled[i], cond[i, end_of_text])
-
-
 # ---------------------------------------------------------------------------------------------
-# KL regulariser (paper Sec. 4)
-
-
-def test_kl_regulariser_is_zero_for_the_untouched_model(tiny):
-    pipe, _, cond, uncond, args = tiny
-    x, t = torch.randn(3, 4, 8, 8), torch.tensor([981, 501, 1])
-    with torch.no_grad():
-        eps = dpok.guided_eps(pipe.unet, x, t, cond.expand(3, -1, -1), uncond, args.guidance)
-    with dpok.pretrained_model(pipe.unet), torch.no_grad():
-        eps_pre = dpok.guided_eps(pipe.unet, x, t, cond.expand(3, -1, -1), uncond, args.guidance)
-    assert torch.equal(dpok.kl_regulariser(eps, eps_pre), torch.zeros(3))
-    assert eps.abs().mean() > 0.01  # not trivially zero
-
-
-def test_eps_kl_times_step_weight_is_the_gaussian_kl():
-    scheduler = sd_scheduler()
-    gen = torch.Generator().manual_seed(4)
-    for t in scheduler.timesteps:
-        x, eps, eps_pre = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
-        zero = torch.zeros_like(x)
-        mu = scheduler.step(eps, t, x, eta=1.0, variance_noise=zero).prev_sample
-        mu_pre = scheduler.step(eps_pre, t, x, eta=1.0, variance_noise=zero).prev_sample
-        sigma = reference_sigma(scheduler, t)
-        exact = torch.distributions.kl_divergence(torch.distributions.Normal(mu, sigma),
-                                                  torch.distributions.Normal(mu_pre, sigma))
-        ours = dpok.kl_step_weight(scheduler, t, 1.0) * dpok.kl_regulariser(eps, eps_pre)
-        torch.testing.assert_close(ours, exact.mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# Policy gradient (paper Sec. 4; official train_online_pg.py)
-
-
-def fake_batch(pipe, cond, uncond, args, n, seed):
-    index = torch.zeros(n // args.steps + 1, dtype=torch.long, device=args.device)
-    transitions, _ = dpok.rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(seed))
-    batch = {k: v[:n] for k, v in transitions.items()}
-    batch["reward"] = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(args.device)
-    batch["advantage"] = batch["reward"]
-    return batch
-
-
-def policy_gradient(pipe, batch, cond, uncond, args):
-    loss_fn = lambda m: dpok.policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, args)
-    return dpok.accumulate_gradient(loss_fn, batch, args.batch_size)
-
-
-def lora_grads(params):
-    return [p.grad.clone() for p in params]
-
-
-def test_accumulated_gradient_equals_full_batch_gradient(tiny_on_device):
-    pipe, params, cond, uncond, args = tiny_on_device
-    with torch.no_grad():  # move off the pretrained point so the KL term has a gradient too
-        for p in params:
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
-                   .to(p.device))
-    try:
-        batch = fake_batch(pipe, cond, uncond, args, 8, seed=5)
-        grads = {}
-        for batch_size in (8, 3):  # 3 does not divide 8: uneven micro-batches
-            for p in params:
-                p.grad = None
-            micro = tiny_args("--batch-size", str(batch_size), "--kl-beta", "0.5", "--device",
-                              args.device, out="unused")
-            policy_gradient(pipe, batch, cond, uncond, micro)
-            grads[batch_size] = lora_grads(params)
-        for full, accumulated in zip(grads[8], grads[3]):
-            # float32 summation order only: 1e-4 of the gradient's scale (a wrong weighting of the
-            # uneven micro-batches is off by ~10%)
-            torch.testing.assert_close(accumulated, full, rtol=1e-4, atol=1e-4 * full.abs().max())
-        assert sum(g.abs().sum() for g in grads[8]) > 0
-    finally:
-        for p in params:
-            p.grad = None
-        for name, module in pipe.unet.named_modules():
-            if hasattr(module, "reset_lora_parameters"):
-                module.reset_lora_parameters("default", "gaussian")
-
-
-def test_only_lora_weights_receive_gradients(tiny):
-    pipe, params, cond, uncond, args = tiny
-    batch = fake_batch(pipe, cond, uncond, args, 4, seed=6)
-    policy_gradient(pipe, batch, cond, uncond, args)
-    with_grad = {n for n, p in pipe.unet.named_parameters() if p.grad is not None}
-    assert with_grad and all("lora" in n for n in with_grad)
-    assert len(with_grad) == len(params)
-    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
-    assert not any(p.requires_grad for p in pipe.vae.parameters())
-    for p in params:
-        p.grad = None
-
-
-def test_positive_advantage_raises_the_log_prob_of_its_action(tiny):
-    """Direction of the policy gradient: one step on a transition with A > 0 makes it likelier."""
-    pipe, params, cond, uncond, args = tiny
-    batch = fake_batch(pipe, cond, uncond, args, 4, seed=8)
-    batch["advantage"] = torch.ones(4)
-    snapshot = [p.detach().clone() for p in params]
-    run = tiny_args("--kl-beta", "0", out="unused")
-    policy_gradient(pipe, batch, cond, uncond, run)
-    with torch.no_grad():
-        for p in params:
-            p.sub_(1e-3 * p.grad)
-            p.grad = None
-        eps = dpok.guided_eps(pipe.unet, batch["latents"], batch["timesteps"], cond.expand(4, -1, -1),
-                              uncond, args.guidance)
-        _, new = dpok.ddim_step_logprob(pipe.scheduler, eps, batch["timesteps"], batch["latents"],
-                                        args.eta, prev_sample=batch["next_latents"])
-        for p, old in zip(params, snapshot):
-            p.copy_(old)
-    assert (new - batch["log_prob"]).mean() > 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Value function and one DPOK iteration (official train_online_pg.py, PAPER.md Sec. 3)
+# Value function and one DPOK iteration (the paper's Algorithm 1; the official train_online_pg.py)
 
 
 def test_value_function_is_the_official_step_gated_relu_mlp():
@@ -395,7 +442,7 @@ def test_value_function_is_the_official_step_gated_relu_mlp():
         assert 0 <= embedding.weight.min() and embedding.weight.max() < 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny_run():
     """A set-up tiny run (value function on) and the transitions of one rollout with rewards."""
     args = tiny_args("--buffer-size", "100", out="unused")
@@ -466,7 +513,7 @@ def test_optimizers_weight_decay_is_the_official_codes(tiny_run):
 
 def test_buffer_keeps_the_last_buffer_size_transitions_each_with_its_images_reward(tiny_run):
     run, args = tiny_run  # buffer 100; an iteration adds 8 images x 10 steps = 80 transitions
-    run.buffer = None
+    args = dataclasses.replace(args, policy_steps=1, grad_accum=1)  # the buffer is what is tested
     dpok.dpok_iteration(run, args)
     first = {k: v.clone() for k, v in run.buffer.items()}
     assert len(first["reward"]) == 80
@@ -537,12 +584,144 @@ def test_specks_wrong_colours_and_empty_images_do_not_pass_as_shapes():
     assert shapes.analyse(circle, ["one green square"])[0]["shape"] == 0
 
 
+LEARNED = os.path.join(shapes.TINY_DEFAULTS["model"], shapes.LEARNED_REWARD)
+
+
+@slow
+def test_learned_reward_agrees_with_the_analyser_on_seeds_it_never_saw():
+    """The shipped learned reward, trained on the pretrained model's samples at seeds 0-47 (the
+    last 12 held out), against the analyser on fresh samples of every caption at other seeds."""
+    pipe = StableDiffusionPipeline.from_pretrained(shapes.TINY_DEFAULTS["model"],
+                                                   torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    images = torch.cat([pipe(shapes.CAPTIONS, num_inference_steps=20, guidance_scale=4.0, eta=1.0,
+                             generator=torch.Generator().manual_seed(1000 + s), output_type="pt").images
+                        for s in range(3)])
+    captions = shapes.CAPTIONS * 3
+    from safetensors.torch import load_file
+    raw_model = shapes.LearnedReward()
+    raw_model.load_state_dict({k: v.float() for k, v in load_file(LEARNED + ".safetensors").items()})
+    log = json.load(open(LEARNED + ".json"))
+    with torch.no_grad():
+        learned, raw = shapes.learned_reward()(images, captions), raw_model.eval()(images, captions)
+    truth = shapes.shapes_reward(images, captions)
+    r = torch.corrcoef(torch.stack([learned, truth]))[0, 1].item()
+    # Measured: r = 0.78 on these 108 samples, 0.84 on the 432 held-out samples of its log.
+    assert r > 0.7 and log["agreement"]["pearson_r"] > 0.7, (r, log["agreement"])
+    # standardised by fixed constants like ImageReward: the raw score's mean and spread on the
+    # pretrained model's samples, so these fresh ones score about mean 0, std 1
+    constants = log["standardise"]
+    torch.testing.assert_close(learned, (raw - constants["mean"]) / constants["std"])
+    assert abs(raw.mean().item() - constants["mean"]) < 0.5 * constants["std"]
+    assert 0.5 < raw.std().item() / constants["std"] < 1.5
+
+
+@slow
+def test_learned_reward_training_writes_weights_log_and_constants(tmp_path):
+    import shutil
+    folder = tmp_path / "tiny-shapes"
+    shutil.copytree(shapes.TINY_DEFAULTS["model"], folder)
+    log = shapes.train_learned_reward(str(folder), seeds=3, held_out_seeds=2, epochs=20)
+    assert sum(log["loss"][-5:]) / 5 < log["loss"][0] and log["agreement"]["pairs"] > 0
+    reward = shapes.learned_reward(folder=str(folder))
+    images = shapes.render(shapes.CAPTIONS[0], torch.Generator().manual_seed(0))[None]
+    assert torch.isfinite(reward(images, shapes.CAPTIONS[:1])).all()
+    assert os.path.getsize(folder / (shapes.LEARNED_REWARD + ".safetensors")) < 300_000
+
+
+@slow
+def test_learned_reward_run_reports_the_analyser_as_judge(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert dpok.main(["--tiny", "--prompt", PROMPT, "--reward", "shapes-learned", *FAST,
+                      "--iterations", "2", "--out", out]) == 0
+    metrics = numbers(tmp_path / "run" / "metrics.jsonl")
+    assert all(set(m) >= {"reward_mean", "judge", "fidelity"} for m in metrics)
+    assert os.path.exists(os.path.join(out, "reward_curve.png"))
+    assert dpok.main(["--tiny", "--prompt", PROMPT, "--reward", "shapes-learned", "--eval",
+                      "--lora", out, "--eval-samples", "4", "--out", out]) == 0
+    result = json.load(open(os.path.join(out, "eval.json")))["results"][0]
+    for name in ("reward", "judge", "fidelity"):
+        assert {f"{name}_pretrained", f"{name}_finetuned", f"{name}_gain", f"{name}_gain_se"} <= set(result)
+    assert "judge " in capsys.readouterr().out
+    # the pretrained model's eval samples (seed 0), scored here by each scorer directly
+    args = dpok.parse_args(["--tiny", "--prompt", PROMPT, "--out", "unused"])
+    pipe = dpok.load_pipeline(args)
+    cond, uncond, _ = dpok.encode_prompts(pipe, [PROMPT])
+    _, images = dpok.rollout(pipe, cond, uncond, torch.zeros(4, dtype=torch.long), args,
+                             torch.Generator().manual_seed(0))
+    for name, fn in (("reward", shapes.learned_reward()), ("judge", shapes.shapes_reward),
+                     ("fidelity", shapes.clean_fraction)):
+        assert result[f"{name}_pretrained"] == pytest.approx(fn(images, [PROMPT] * 4).mean().item(), abs=1e-5)
+
+
+def test_compressibility_reward_prefers_flat_images():
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    noisy = torch.rand((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert shapes.compressibility_reward(flat, [""]) > shapes.compressibility_reward(noisy, [""])
+
+
+def test_batched_imagereward_equals_its_per_image_score(tmp_path):
+    """The real BLIP-based ImageReward with random weights (architectures.imagereward_model, no download):
+    one batched forward with the preprocessing on tensors scores each image as the package's own
+    per-image `score` of a PIL image does. A code-path and equality check, not a quality check."""
+    from torchvision.transforms.functional import to_pil_image
+    model = architectures.imagereward_model(tmp_path)
+    prompts = [PROMPT, "a green colored rabbit", PROMPT, "two red circles"]
+    images = smooth_images(4, 64)
+    with torch.no_grad():
+        batched = dpok.imagereward_reward("cpu", model)(images, prompts)
+        alone = torch.tensor([model.score(p, to_pil_image(x)) for p, x in zip(prompts, images)])
+    # Measured: 0.004 apart (PIL resizes in 8 bits); the scores themselves spread 0.1, so a
+    # prompt or an image out of place would be off by more than 0.01.
+    assert alone.std() > 0.05
+    torch.testing.assert_close(batched, alone, rtol=0, atol=0.01)
+
+
+def test_batched_aesthetic_score_equals_its_per_file_score(tmp_path, monkeypatch, capsys):
+    """image-reward's AestheticScore (CLIP image tower + MLP), random weights, with a small CLIP
+    tower of the same output width (768) in place of ViT-L/14's: one batched forward scores each
+    image as the package's `score` of its PNG file does."""
+    import ImageReward
+    model = architectures.aesthetic_model(tmp_path, vision_layers=1, vision_width=64)
+    images = smooth_images(4, 32, seed=1)
+    from torchvision.transforms.functional import to_pil_image
+    alone = []
+    for i, image in enumerate(images):
+        to_pil_image(image).save(tmp_path / f"{i}.png")
+        alone.append(model.score("", str(tmp_path / f"{i}.png")))
+    with torch.no_grad():
+        batched = dpok.aesthetic_score("cpu", model)["fidelity"](images, [PROMPT] * 4)
+    alone = torch.tensor(alone)
+    # Measured: 2e-4 apart, the scores spread 1.4e-3.
+    assert alone.std() > 1e-3
+    torch.testing.assert_close(batched, alone, rtol=0, atol=5e-4)
+    # Offline before its first download: a note, no error, and no fidelity measure.
+    monkeypatch.setattr(ImageReward, "load_score", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    assert dpok.aesthetic_score("cpu") == {}
+    assert "note: no aesthetic score (OSError)" in capsys.readouterr().err
+
+
+def test_imagereward_missing_offline_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    hub_offline(monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached ImageReward.pt
+    argv = ["--tiny", "--prompt", PROMPT, "--reward", "imagereward", "--out", str(tmp_path / "o")]
+    assert dpok.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load ImageReward-v1.0" in err[0] and "--tiny" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The shapes world: its tiny model, pretrained by shapes.py and shipped, and its prompt split
+
+
 def test_every_caption_word_is_one_token_of_the_shipped_tokenizer(tiny):
     tokenizer = tiny[0].tokenizer
     for word in {w for c in shapes.CAPTIONS for w in c.split()}:
         assert len(tokenizer.tokenize(word)) == 1, word
 
 
+@slow
 def test_shipped_model_draws_the_captions_colours_cleanly(tiny):
     """The pretrained shapes world still behaves (measured over all 36 captions x 32 seeds:
     colour 0.95, count 0.80, shape 0.70, exact 0.47, clean 0.96)."""
@@ -559,8 +738,9 @@ def test_shipped_model_draws_the_captions_colours_cleanly(tiny):
     assert sum(s["count"] for s in scores) / 32 > 0.6
 
 
+@slow
 def test_pretraining_losses_fall_and_it_saves_a_loadable_half_precision_pipeline(tmp_path):
-    log = shapes.pretrain(str(tmp_path / "world"), vae_steps=30, unet_steps=30, data=256)
+    log = shapes.pretrain(str(tmp_path / "world"), vae_steps=20, unet_steps=20, data=128)
     for losses in (log["vae_mse"], log["unet_loss"]):
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 * 0.8, losses
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "world"))
@@ -576,61 +756,15 @@ def test_tiny_is_the_shipped_model_folder_with_the_tiny_defaults(tmp_path):
     assert (args.reward, args.steps, args.lr) == ("shapes", 20, shapes.TINY_DEFAULTS["lr"])
 
 
-LEARNED = os.path.join(shapes.TINY_DEFAULTS["model"], shapes.LEARNED_REWARD)
-
-
-def test_learned_reward_agrees_with_the_analyser_on_seeds_it_never_saw():
-    """The shipped learned reward, trained on the pretrained model's samples at seeds 0-47 (the
-    last 12 held out), against the analyser on fresh samples of every caption at other seeds."""
-    pipe = StableDiffusionPipeline.from_pretrained(shapes.TINY_DEFAULTS["model"],
-                                                   torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    images = torch.cat([pipe(shapes.CAPTIONS, num_inference_steps=20, guidance_scale=4.0, eta=1.0,
-                             generator=torch.Generator().manual_seed(1000 + s), output_type="pt").images
-                        for s in range(3)])
-    captions = shapes.CAPTIONS * 3
-    with torch.no_grad():
-        learned = shapes.learned_reward()(images, captions)
-    truth = shapes.shapes_reward(images, captions)
-    r = torch.corrcoef(torch.stack([learned, truth]))[0, 1].item()
-    log = json.load(open(LEARNED + ".json"))
-    # Measured: r = 0.78 on these 108 samples, 0.84 on the 432 held-out samples of its log.
-    assert r > 0.7 and log["agreement"]["pearson_r"] > 0.7, (r, log["agreement"])
-    # standardised by fixed constants like ImageReward: about mean 0, std 1 on such samples
-    assert abs(learned.mean().item()) < 0.5 and 0.5 < learned.std().item() < 1.5
-
-
-def test_learned_reward_training_writes_weights_log_and_constants(tmp_path):
-    import shutil
-    folder = tmp_path / "tiny-shapes"
-    shutil.copytree(shapes.TINY_DEFAULTS["model"], folder)
-    log = shapes.train_learned_reward(str(folder), seeds=3, held_out_seeds=2, epochs=20)
-    assert sum(log["loss"][-5:]) / 5 < log["loss"][0] and log["agreement"]["pairs"] > 0
-    reward = shapes.learned_reward(folder=str(folder))
-    images = shapes.render(shapes.CAPTIONS[0], torch.Generator().manual_seed(0))[None]
-    assert torch.isfinite(reward(images, shapes.CAPTIONS[:1])).all()
-    assert os.path.getsize(folder / (shapes.LEARNED_REWARD + ".safetensors")) < 300_000
-
-
-def test_learned_reward_run_reports_the_analyser_as_judge(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    assert dpok.main(["--tiny", "--prompt", PROMPT, "--reward", "shapes-learned", *FAST,
-                      "--iterations", "2", "--out", out]) == 0
-    metrics = numbers(tmp_path / "run" / "metrics.jsonl")
-    assert all(set(m) >= {"reward_mean", "judge", "fidelity"} for m in metrics)
-    assert os.path.exists(os.path.join(out, "reward_curve.png"))
-    assert dpok.main(["--tiny", "--prompt", PROMPT, "--reward", "shapes-learned", "--eval",
-                      "--lora", out, "--eval-samples", "4", "--out", out]) == 0
-    result = json.load(open(os.path.join(out, "eval.json")))["results"][0]
-    for name in ("reward", "judge", "fidelity"):
-        assert {f"{name}_pretrained", f"{name}_finetuned", f"{name}_gain", f"{name}_gain_se"} <= set(result)
-    assert "judge " in capsys.readouterr().out
-
-
-def test_compressibility_reward_prefers_flat_images():
-    flat = torch.full((1, 3, 32, 32), 0.5)
-    noisy = torch.rand((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
-    assert shapes.compressibility_reward(flat, [""]) > shapes.compressibility_reward(noisy, [""])
+def test_the_multi_prompt_split_is_by_colour_and_shape_and_its_files_are_in_the_repository():
+    split = shapes.SPLIT
+    assert sorted(sum(split.values(), [])) == sorted(shapes.CAPTIONS)  # each caption in one group
+    assert [len(split[g]) for g in ("trained", "unseen", "held-out")] == [16, 15, 5]
+    assert not any("green" in c or "triangle" in c for c in split["trained"])
+    assert all("green" in c or "triangle" in c for c in split["unseen"])
+    assert split["held-out"] == shapes.HELD_OUT
+    for group, path in shapes.PROMPT_FILES.items():
+        assert open(path).read().splitlines() == split[group], path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -640,9 +774,9 @@ def test_compressibility_reward_prefers_flat_images():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The README's first command at half its iterations (75; the whole run is 2.5-6 minutes,
-    and `python results.py` remakes it), and the same with beta = 10 for 20 iterations."""
+    and `python results.py` remakes it), and the same with beta = 10 for 6 iterations."""
     out = {}
-    for beta, iterations in (("0.01", "75"), ("10", "20")):
+    for beta, iterations in (("0.01", "75"), ("10", "6")):
         path = tmp_path_factory.mktemp(f"beta{beta}") / "run"
         history = dpok.train(dpok.parse_args(["--tiny", "--prompt", PROMPT, "--kl-beta", beta,
                                               "--iterations", iterations, "--out", str(path)]))
@@ -650,6 +784,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@slow
 def test_tiny_run_raises_the_alignment(runs):
     history, _ = runs["0.01"]
     rewards = [m["reward_mean"] for m in history]
@@ -657,11 +792,13 @@ def test_tiny_run_raises_the_alignment(runs):
     assert last > first + 0.25, (first, last)
 
 
+@slow
 def test_larger_kl_beta_keeps_the_kl_smaller(runs):
-    kl = {beta: sum(m["kl"] for m in h[10:20]) / 10 for beta, (h, _) in runs.items()}
-    assert kl["10"] < kl["0.01"] / 10, kl  # measured (1 thread): 0.00046 against 0.012
+    kl = {beta: sum(m["kl"] for m in h[3:6]) / 3 for beta, (h, _) in runs.items()}
+    assert kl["10"] < kl["0.01"] / 10, kl
 
 
+@slow
 def test_outputs_metrics_grids_and_loadable_lora(runs):
     history, out = runs["0.01"]
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -670,21 +807,46 @@ def test_outputs_metrics_grids_and_loadable_lora(runs):
                 "grad_norm", "value_loss", "seconds", "clipfrac"):
         assert key in lines[0]
     assert (out / "samples_00000.png").exists() and (out / "samples_00074.png").exists()
-    # The saved LoRA reproduces the trained model in a fresh pipeline through diffusers' loader.
-    trained = StableDiffusionPipeline.from_pretrained(shapes.TINY_DEFAULTS["model"])
-    trained.load_lora_weights(str(out))
-    fresh = StableDiffusionPipeline.from_pretrained(shapes.TINY_DEFAULTS["model"])
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
-    emb = torch.randn(2, 8, 64)
+    # The saved LoRA reproduces the trained model (its checkpoint's weights in dpok's own UNet)
+    # in a fresh pipeline through diffusers' loader, and that model is not the pretrained one.
+    loaded = StableDiffusionPipeline.from_pretrained(shapes.TINY_DEFAULTS["model"], torch_dtype=torch.float32)
+    loaded.load_lora_weights(str(out))
+    trained = dpok.load_pipeline(tiny_args(out="unused"))
+    dpok.add_lora(trained.unet, 4)
+    lora = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
+    assert not trained.unet.load_state_dict(lora, strict=False).unexpected_keys
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
+    emb = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        changed = (trained.unet(x, t, emb).sample - fresh.unet(x, t, emb).sample).abs().max()
-    assert changed > 1e-4
+        eps = loaded.unet(x, t, emb).sample
+        torch.testing.assert_close(eps, trained.unet(x, t, emb).sample, rtol=1e-5, atol=1e-6)
+        with dpok.pretrained_model(trained.unet):
+            assert (eps - trained.unet(x, t, emb).sample).abs().max() > 1e-4
 
 
+@slow
 def test_summary_is_the_last_line(runs, capsys, tmp_path):
     dpok.main(["--tiny", "--prompt", PROMPT, "--out", str(tmp_path / "r"), "--iterations", "2"])
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("dpok: reward ") and "->" in out[-1]
+
+
+@slow
+def test_multi_prompt_run_with_the_shipped_prompts_file(tmp_path, device, monkeypatch):
+    prompts = os.path.join(os.path.dirname(__file__), "prompts.txt")
+    lines = [line.strip() for line in open(prompts) if line.strip()]
+    assert len(lines) > 4  # the paper's four prompts and more
+    scored = []  # the prompts each iteration's images are scored against
+    score = dpok.score
+    monkeypatch.setattr(dpok, "score", lambda run, images, index, *rest: scored.append(
+        [run.prompts[i] for i in index]) or score(run, images, index, *rest))
+    argv = ["--tiny", "--prompts", prompts, "--reward", "compressibility", "--iterations", "2",
+            "--samples-per-iter", "4", "--device", device, "--out", str(tmp_path / "run")]
+    assert dpok.main(argv) == 0
+    assert len(numbers(tmp_path / "run" / "metrics.jsonl")) == 2
+    # 8 images of 8 distinct prompts of the file: one shuffled pass, 4 per iteration
+    assert len(scored) == 2 and all(len(set(p)) == 4 for p in scored)
+    assert len(set(scored[0] + scored[1])) == 8 and set(scored[0] + scored[1]) <= set(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -833,6 +995,7 @@ def test_missing_model_offline_says_use_tiny(model, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "o").exists()
 
 
+@slow
 def test_dpok_py_alone_needs_shapes_py_only_for_the_offline_world(tmp_path):
     # A copy of dpok.py without shapes.py beside it, as forked into another project: the real
     # world's command parses without importing shapes.py; --tiny says what is missing.
@@ -860,17 +1023,20 @@ def numbers(path):
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(path)]
 
 
+@slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    assert dpok.main([*SHORT, "--iterations", "6", "--out", str(tmp_path / "a")]) == 0
-    assert dpok.main([*SHORT, "--iterations", "3", "--out", str(tmp_path / "b")]) == 0
-    assert dpok.main([*SHORT, "--iterations", "6", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    short = [*SHORT, "--save-every", "2"]
+    assert dpok.main([*short, "--iterations", "4", "--out", str(tmp_path / "a")]) == 0
+    assert dpok.main([*short, "--iterations", "2", "--out", str(tmp_path / "b")]) == 0
+    assert dpok.main([*short, "--iterations", "4", "--out", str(tmp_path / "b"), "--resume"]) == 0
     assert numbers(tmp_path / "a" / "metrics.jsonl") == numbers(tmp_path / "b" / "metrics.jsonl")
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
-    assert a["iteration"] == b["iteration"] == 6
+    assert a["iteration"] == b["iteration"] == 4
     for name in a["lora"]:
         assert torch.equal(a["lora"][name], b["lora"][name]), name
 
 
+@slow
 def test_resume_refuses_changed_algorithm_flags_and_missing_checkpoints(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert dpok.main([*SHORT, "--iterations", "1", "--out", out]) == 0
@@ -883,6 +1049,7 @@ def test_resume_refuses_changed_algorithm_flags_and_missing_checkpoints(tmp_path
     assert "cannot read" in capsys.readouterr().err
 
 
+@slow
 def test_previous_run_is_never_silently_overwritten(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert dpok.main([*SHORT, "--iterations", "2", "--out", out]) == 0
@@ -894,6 +1061,7 @@ def test_previous_run_is_never_silently_overwritten(tmp_path, capsys):
     assert len(numbers(os.path.join(out, "metrics.jsonl"))) == 1
 
 
+@slow
 def test_non_finite_reward_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path, capsys,
                                                                            monkeypatch):
     calls = []
@@ -905,7 +1073,7 @@ def test_non_finite_reward_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_p
             return r * float("nan") if len(calls) == 5 else r
         return reward
 
-    monkeypatch.setitem(dpok.REWARDS, "shapes", poisoned)
+    monkeypatch.setitem(shapes.REWARDS, "shapes", poisoned)
     out = tmp_path / "run"
     assert dpok.main([*SHORT, "--iterations", "10", "--out", str(out)]) == 1
     assert "non-finite reward (nan) at iteration 4" in capsys.readouterr().err
@@ -913,18 +1081,17 @@ def test_non_finite_reward_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_p
     assert len(numbers(out / "metrics.jsonl")) == 4  # iterations 0..3, nothing of the bad one
 
 
+@slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_checkpoint_and_exits_128_plus_signum(sig, code, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "dpok.py", *SHORT, "--iterations", "1000",
-                             "--save-every", "1000", "--out", str(out)],
-                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__))
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() or len(open(out / "metrics.jsonl").readlines()) < 2:
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    with child("dpok.py", *SHORT, "--iterations", "1000", "--save-every", "1000", "--out", str(out)) as proc:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() or len(open(out / "metrics.jsonl").readlines()) < 2:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "--resume" in err.strip().splitlines()[-1]
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -938,6 +1105,50 @@ def test_out_that_is_a_file_is_rejected(tmp_path, capsys):
     assert dpok.main(["--tiny", "--prompt", PROMPT, "--out", str(out)]) == 2
     assert "not a writable folder" in capsys.readouterr().err
     assert out.read_text() == "not a folder"
+
+
+@slow
+def test_crash_while_checkpointing_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch,
+                                                                          capsys):
+    out = tmp_path / "run"
+    assert dpok.main([*SHORT, "--iterations", "3", "--out", str(out)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def crash(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    assert dpok.main([*SHORT, "--iterations", "6", "--out", str(out), "--resume"]) == 1
+    assert "cannot write the checkpoint" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+@slow
+def test_signal_during_supervised_data_collection_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    with child("dpok.py", *SHORT, "--supervised", "--supervised-samples", "100000", "--out", str(out)) as proc:
+        deadline = time.time() + 120
+        while not out.exists():  # --out is created just before the data collection starts
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "SIGTERM: stopped at once" in err.strip().splitlines()[-1]
+
+
+def test_lora_file_is_an_ordinary_file(tmp_path):
+    """Its mode follows the umask like every other output (safetensors alone writes 0600)."""
+    pipe = dpok.load_pipeline(tiny_args(out="unused"))
+    dpok.add_lora(pipe.unet, 4)
+    dpok.save_lora(pipe.unet, str(tmp_path))
+    (tmp_path / "ordinary.txt").write_text("")
+    mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777
+    assert mode("pytorch_lora_weights.safetensors") == mode("ordinary.txt")
+    assert sorted(os.listdir(tmp_path)) == ["ordinary.txt", "pytorch_lora_weights.safetensors"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -975,16 +1186,17 @@ def test_supervised_loss_is_weighted_denoising_plus_offline_kl(tiny):
 
 @pytest.fixture(scope="module")
 def supervised_run(tmp_path_factory):
-    """The baseline, shortened: 800 images sampled once, 20 iterations of updates."""
+    """The baseline, shortened: 200 images sampled once, 10 iterations of updates."""
     out = tmp_path_factory.mktemp("supervised") / "run"
-    history = dpok.train(tiny_args("--supervised", "--iterations", "20", "--supervised-samples",
-                                   "800", out=out))
+    history = dpok.train(tiny_args("--supervised", "--iterations", "10", "--supervised-samples",
+                                   "200", out=out))
     return history, out
 
 
+@slow
 def test_dpok_ends_above_the_supervised_baseline_at_equal_reward_queries(runs, supervised_run):
     """The paper's Sec. 5 comparison (in this world the baseline even loses alignment: README).
-    Measured: DPOK's last 10 iterations -0.83, the shortened baseline's -1.40."""
+    Measured: DPOK's last 10 iterations -0.83, the shortened baseline's (20 iterations) -1.40."""
     dpok_rewards, supervised_rewards = ([m["reward_mean"] for m in h[-10:]]
                                         for h in (runs["0.01"][0], supervised_run[0]))
     assert sum(dpok_rewards) / 10 > sum(supervised_rewards) / 10 + 0.1
@@ -992,6 +1204,7 @@ def test_dpok_ends_above_the_supervised_baseline_at_equal_reward_queries(runs, s
     assert (supervised_run[1] / "reward_curve.png").exists()
 
 
+@slow
 def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path, capsys):
     _, run = runs["0.01"]
     argv = ["--tiny", "--prompt", PROMPT, "--eval", "--lora", str(run), "--eval-samples", "32",
@@ -1016,6 +1229,7 @@ def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path
     assert result["reward_finetuned"] == result["reward_pretrained"] and result["kl_bound"] == 0
 
 
+@slow
 def test_eval_of_a_prompts_file_writes_each_prompt_and_their_mean(runs, tmp_path, capsys):
     """A prompts file is a group (trained, unseen, ...): one row and one grid per prompt, then
     the group's mean, whose gain's SE is that of a mean of independent per-prompt gains."""
@@ -1040,127 +1254,17 @@ def test_eval_of_a_prompts_file_writes_each_prompt_and_their_mean(runs, tmp_path
     assert rescored == pytest.approx(rows[1]["reward_finetuned"], abs=0.05)  # the 8-bit grid's rounding
 
 
-def test_the_multi_prompt_split_is_by_colour_and_shape_and_its_files_are_in_the_repository():
-    split = shapes.SPLIT
-    assert sorted(sum(split.values(), [])) == sorted(shapes.CAPTIONS)  # each caption in one group
-    assert [len(split[g]) for g in ("trained", "unseen", "held-out")] == [16, 15, 5]
-    assert not any("green" in c or "triangle" in c for c in split["trained"])
-    assert all("green" in c or "triangle" in c for c in split["unseen"])
-    assert split["held-out"] == shapes.HELD_OUT
-    for group, path in shapes.PROMPT_FILES.items():
-        assert open(path).read().splitlines() == split[group], path
-
-
 def smooth_images(n, size, seed=0):
     from torchvision.transforms.functional import gaussian_blur
     return gaussian_blur(torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)),
                          5, 1.5)
 
 
-def test_batched_imagereward_equals_its_per_image_score(tmp_path):
-    """The real BLIP-based ImageReward with random weights (architectures.imagereward_model, no download):
-    one batched forward with the preprocessing on tensors scores each image as the package's own
-    per-image `score` of a PIL image does. A code-path and equality check, not a quality check."""
-    from torchvision.transforms.functional import to_pil_image
-    model = architectures.imagereward_model(tmp_path)
-    prompts = [PROMPT, "a green colored rabbit", PROMPT, "two red circles"]
-    images = smooth_images(4, 64)
-    with torch.no_grad():
-        batched = dpok.imagereward_reward("cpu", model)(images, prompts)
-        alone = torch.tensor([model.score(p, to_pil_image(x)) for p, x in zip(prompts, images)])
-    # Measured: 0.004 apart (PIL resizes in 8 bits); the scores themselves spread 0.1, so a
-    # prompt or an image out of place would be off by more than 0.01.
-    assert alone.std() > 0.05
-    torch.testing.assert_close(batched, alone, rtol=0, atol=0.01)
+# ---------------------------------------------------------------------------------------------
+# The Results command (results.py), in a reduced form
 
 
-def test_batched_aesthetic_score_equals_its_per_file_score(tmp_path, monkeypatch, capsys):
-    """image-reward's AestheticScore (CLIP image tower + MLP), random weights, with a small CLIP
-    tower of the same output width (768) in place of ViT-L/14's: one batched forward scores each
-    image as the package's `score` of its PNG file does."""
-    import ImageReward
-    model = architectures.aesthetic_model(tmp_path, vision_layers=1, vision_width=64)
-    images = smooth_images(4, 32, seed=1)
-    from torchvision.transforms.functional import to_pil_image
-    alone = []
-    for i, image in enumerate(images):
-        to_pil_image(image).save(tmp_path / f"{i}.png")
-        alone.append(model.score("", str(tmp_path / f"{i}.png")))
-    with torch.no_grad():
-        batched = dpok.aesthetic_score("cpu", model)["fidelity"](images, [PROMPT] * 4)
-    alone = torch.tensor(alone)
-    # Measured: 2e-4 apart, the scores spread 1.4e-3.
-    assert alone.std() > 1e-3
-    torch.testing.assert_close(batched, alone, rtol=0, atol=5e-4)
-    # Offline before its first download: a note, no error, and no fidelity measure.
-    monkeypatch.setattr(ImageReward, "load_score", lambda *a, **k: (_ for _ in ()).throw(OSError()))
-    assert dpok.aesthetic_score("cpu") == {}
-    assert "note: no aesthetic score (OSError)" in capsys.readouterr().err
-
-
-def test_imagereward_missing_offline_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
-    hub_offline(monkeypatch)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no cached ImageReward.pt
-    argv = ["--tiny", "--prompt", PROMPT, "--reward", "imagereward", "--out", str(tmp_path / "o")]
-    assert dpok.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot load ImageReward-v1.0" in err[0] and "--tiny" in err[0], err
-    assert not (tmp_path / "o").exists()
-
-
-def test_crash_while_checkpointing_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch,
-                                                                          capsys):
-    out = tmp_path / "run"
-    assert dpok.main([*SHORT, "--iterations", "3", "--out", str(out)]) == 0
-    before = (out / "checkpoint.pt").read_bytes()
-
-    def crash(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(torch, "save", crash)
-    assert dpok.main([*SHORT, "--iterations", "6", "--out", str(out), "--resume"]) == 1
-    assert "cannot write the checkpoint" in capsys.readouterr().err
-    assert (out / "checkpoint.pt").read_bytes() == before
-
-
-def test_multi_prompt_run_with_the_shipped_prompts_file(tmp_path, device):
-    prompts = os.path.join(os.path.dirname(__file__), "prompts.txt")
-    argv = ["--tiny", "--prompts", prompts, "--reward", "compressibility", "--iterations", "2",
-            "--samples-per-iter", "4", "--device", device, "--out", str(tmp_path / "run")]
-    assert dpok.main(argv) == 0
-    assert len(numbers(tmp_path / "run" / "metrics.jsonl")) == 2
-    assert len(open(prompts).read().split("\n")) > 4  # the paper's four prompts and more
-
-
-def test_signal_during_supervised_data_collection_stops_cleanly(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "dpok.py", *SHORT, "--supervised",
-                             "--supervised-samples", "100000", "--out", str(out)],
-                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__))
-    deadline = time.time() + 120
-    while not out.exists():  # --out is created just before the data collection starts
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
-    time.sleep(1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    assert "SIGTERM: stopped at once" in err.strip().splitlines()[-1]
-
-
-def test_lora_file_is_an_ordinary_file(tmp_path):
-    """Its mode follows the umask like every other output (safetensors alone writes 0600)."""
-    pipe = dpok.load_pipeline(tiny_args(out="unused"))
-    dpok.add_lora(pipe.unet, 4)
-    dpok.save_lora(pipe.unet, str(tmp_path))
-    (tmp_path / "ordinary.txt").write_text("")
-    mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777
-    assert mode("pytorch_lora_weights.safetensors") == mode("ordinary.txt")
-    assert sorted(os.listdir(tmp_path)) == ["ordinary.txt", "pytorch_lora_weights.safetensors"]
-
-
+@slow
 def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkeypatch, capsys):
     """`python results.py FOLDER` in a reduced form (1 beta, 1 seed, 2 iterations, 4 eval
     seeds, two multi-prompt groups of one caption): every run evaluated at its points, on each of
@@ -1193,7 +1297,8 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
     assert "| unseen (1) | multi_novalue_b0.001 | 1 |" in out
     half = tables["Half precision: the quick start in float32 and bfloat16"]  # speed, rounding gap
     assert set(half) == {"shapes_bf16_b0.01"} and half["shapes_bf16_b0.01"][0]["seconds"] > 0
-    for figure in ("overoptimisation.png", "overoptimisation_eval.png", "value_function.png"):
+    for figure in ("overoptimisation.png", "overoptimisation_eval.png", "value_function.png",
+                   "multi_prompt_eval.png"):
         assert (tmp_path / figure).exists(), figure
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in runs}
     start = time.time()
@@ -1201,6 +1306,7 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
     assert time.time() - start < 30 and logs == {name: (tmp_path / f"{name}.log").read_text() for name in runs}
 
 
+@slow
 def test_results_calibrate_the_baseline_at_the_first_seed_then_run_its_best_at_the_others(tmp_path):
     grid = results.SUPERVISED_GRID
     first = results.results_runs([0, 1, 2], horizon=300, out=str(tmp_path))
@@ -1227,7 +1333,7 @@ def test_results_calibrate_the_baseline_at_the_first_seed_then_run_its_best_at_t
 # The real model path on CPU: Stable Diffusion v1.5's exact architecture with random weights,
 # saved as a diffusers folder and run through `--model PATH`, at 16x16 latents (128 px).
 
-SD15 = ["--prompt", "A green colored rabbit", "--reward", "compressibility", "--steps", "3",
+SD15 = ["--prompt", "A green colored rabbit", "--reward", "compressibility", "--steps", "2",
         "--samples-per-iter", "2", "--device", "cpu"]
 
 
@@ -1238,6 +1344,7 @@ def sd15(tmp_path_factory):
     return folder
 
 
+@slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sd15_architecture_trains_and_evaluates_through_the_model_path(sd15, dtype, tmp_path, capsys):
     if dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -1247,22 +1354,26 @@ def test_sd15_architecture_trains_and_evaluates_through_the_model_path(sd15, dty
     out = tmp_path / "run"
     # micro-batches of 4 transitions against the rollout's 2 images: on a Xeon with AMX in
     # bfloat16 this shape pair put every transition beyond the official 1e-4 clip (Deviations 6)
-    argv = [*SD15, "--model", str(sd15), "--dtype", dtype, "--iterations", "2", "--policy-steps",
+    argv = [*SD15, "--model", str(sd15), "--dtype", dtype, "--iterations", "1", "--policy-steps",
             "1", "--grad-accum", "1", "--batch-size", "4", "--buffer-size", "12",
-            "--value-batch-size", "6", "--lr", "1e-3", "--ratio-clip", "1e-30", "--out", str(out)]
+            "--value-batch-size", "6", "--lr", "1e-3", "--out", str(out)]
     assert dpok.main(argv) == 0
     assert "256 LoRA tensors (797,184 weights)" in capsys.readouterr().err  # official rank-4 LoRA
     first = numbers(out / "metrics.jsonl")[0]
-    # Before the first update the policy is the one that sampled: every ratio exactly 1 (a clip
-    # whose bounds round to 1 clips none), whatever the kernels do at either shape
-    assert first["clipfrac"] == 0 and first["ratio"] == pytest.approx(1, abs=1e-7), first
-    pipe = StableDiffusionPipeline.from_pretrained(sd15)
+    # The first update's policy is the one that sampled: every ratio exactly 1, whatever the
+    # kernels do at either shape, so the official clip clips none
+    assert first["ratio"] == 1.0 and first["clipfrac"] == 0 and first["grad_norm"] > 0, first
+    # the LoRA loads back into diffusers' own pipeline, weight for weight
+    pipe = StableDiffusionPipeline.from_pretrained(sd15, torch_dtype=torch.float32)
     pipe.load_lora_weights(str(out))
     from peft.utils import get_peft_model_state_dict
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_list_adapters()["unet"][0])
     saved = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
     assert len(loaded) == len(saved) == 256
     assert sum(v.numel() for v in loaded.values()) == 797_184
+    for name, weight in saved.items():
+        assert torch.equal(loaded[name.replace(".default", "")], weight.float()), name
+    assert any(w.abs().max() > 0 for n, w in saved.items() if "lora_B" in n)  # it trained
     if dtype == "float32":  # and it evaluates through the same path (once: bfloat16 adds only time)
         assert dpok.main([*SD15, "--model", str(sd15), "--eval", "--lora", str(out), "--eval-samples",
                           "2", "--out", str(tmp_path / "eval")]) == 0
@@ -1302,6 +1413,7 @@ def policy_update_on_rank(rank, port, out):
     torch.distributed.destroy_process_group()
 
 
+@slow
 def test_two_ranks_take_one_process_update_on_the_union_of_their_batches(tmp_path):
     torch.multiprocessing.spawn(policy_update_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
@@ -1336,6 +1448,7 @@ def prompts_on_rank(rank, port, out):
     torch.distributed.destroy_process_group()
 
 
+@slow
 def test_ranks_take_distinct_prompts_of_one_shuffled_pass(tmp_path):
     torch.multiprocessing.spawn(prompts_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
@@ -1347,41 +1460,42 @@ def test_ranks_take_distinct_prompts_of_one_shuffled_pass(tmp_path):
 
 
 def torchrun(*argv):
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "dpok.py", *SHORT, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__))
+    return child("-m", "torch.distributed.run", "--nproc-per-node", "2", "dpok.py", *SHORT, *argv,
+                 stdout=subprocess.PIPE)
 
 
+@slow
 def test_two_rank_resume_equals_straight_run_and_needs_the_same_number_of_ranks(tmp_path, capsys):
     """(That two ranks learn follows from the union test above and the one-process learning
     tests.)"""
-    for argv in (["--iterations", "6", "--out", str(tmp_path / "a")],
-                 ["--iterations", "3", "--out", str(tmp_path / "b")],
-                 ["--iterations", "6", "--out", str(tmp_path / "b"), "--resume"]):
-        proc = torchrun(*argv)
-        summary, err = proc.communicate(timeout=120)
+    for argv in (["--iterations", "4", "--out", str(tmp_path / "a")],
+                 ["--iterations", "2", "--out", str(tmp_path / "b")],
+                 ["--iterations", "4", "--out", str(tmp_path / "b"), "--resume"]):
+        with torchrun(*argv) as proc:
+            summary, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert summary.count("dpok: reward") == 1  # rank 0 alone prints
         assert err.count("tiny-shapes on cpu (float32, 2 processes)") == 1
-    assert [m["iteration"] for m in numbers(tmp_path / "a" / "metrics.jsonl")] == list(range(6))
+    assert [m["iteration"] for m in numbers(tmp_path / "a" / "metrics.jsonl")] == list(range(4))
     assert numbers(tmp_path / "a" / "metrics.jsonl") == numbers(tmp_path / "b" / "metrics.jsonl")
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
     assert len(a["ranks"]) == 2
     for name in a["lora"]:
         assert torch.equal(a["lora"][name], b["lora"][name]), name
-    assert dpok.main([*SHORT, "--iterations", "9", "--out", str(tmp_path / "b"), "--resume"]) == 2
+    assert dpok.main([*SHORT, "--iterations", "6", "--out", str(tmp_path / "b"), "--resume"]) == 2
     assert "written by 2 process(es), this run has 1" in capsys.readouterr().err
 
 
+@slow
 def test_sigint_to_torchrun_saves_once_and_stops_every_rank(tmp_path):
     out = tmp_path / "run"
-    proc = torchrun("--iterations", "1000", "--save-every", "1000", "--out", str(out))
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() or len(open(out / "metrics.jsonl").readlines()) < 2:
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # torchrun passes it on to every rank
-    _, err = proc.communicate(timeout=60)  # torchrun waits up to 30 s for the ranks, then kills
+    with torchrun("--iterations", "1000", "--save-every", "1000", "--out", str(out)) as proc:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() or len(open(out / "metrics.jsonl").readlines()) < 2:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # torchrun passes it on to every rank
+        _, err = proc.communicate(timeout=60)  # torchrun waits up to 30 s for the ranks, then kills
     assert err.count("dpok: SIGINT: saved iteration") == 1, err
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     assert saved["iteration"] == len(numbers(out / "metrics.jsonl")) >= 2
@@ -1400,12 +1514,13 @@ def poisoned_rank(rank, port, out):
             return r * float("nan") if rank == 1 and len(calls) == 3 else r
         return reward
 
-    dpok.REWARDS["shapes"] = poisoned
+    shapes.REWARDS["shapes"] = poisoned
     sys.stderr = open(os.path.join(out, f"err{rank}"), "w")
     code = dpok.main([*SHORT, "--iterations", "10", "--out", os.path.join(out, "run")])
     open(os.path.join(out, f"code{rank}"), "w").write(str(code))
 
 
+@slow
 def test_non_finite_reward_on_one_rank_stops_every_rank_with_exit_1(tmp_path):
     torch.multiprocessing.spawn(poisoned_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     assert [(tmp_path / f"code{r}").read_text() for r in range(2)] == ["1", "1"]
@@ -1414,10 +1529,11 @@ def test_non_finite_reward_on_one_rank_stops_every_rank_with_exit_1(tmp_path):
     assert len(numbers(tmp_path / "run" / "metrics.jsonl")) == 2  # nothing of the bad iteration
 
 
+@slow
 def test_supervised_runs_under_torchrun_and_eval_refuses_it(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    proc = torchrun("--supervised", "--supervised-samples", "8", "--iterations", "2", "--out", str(out))
-    _, err = proc.communicate(timeout=120)
+    with torchrun("--supervised", "--supervised-samples", "8", "--iterations", "2", "--out", str(out)) as proc:
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "supervised data: 16 images" in err  # 8 per rank, normalised over both ranks' rewards
     assert len(numbers(out / "metrics.jsonl")) == 2
@@ -1430,33 +1546,34 @@ def test_supervised_runs_under_torchrun_and_eval_refuses_it(tmp_path, capsys, mo
 # benchmark.py: the GPU measurement, run here on the shapes world at a few images and steps
 
 
+@slow
 def test_benchmark_measures_every_phase_of_every_configuration(tmp_path):
     import benchmark
-    report = benchmark.main(["--images", "6", "--steps", "2", "--repeats", "1",
+    # (ImageReward's batched scoring, which the benchmark also times, has its own test above)
+    report = benchmark.main(["--images", "4", "--steps", "2", "--repeats", "1", "--no-imagereward",
                              "--out", str(tmp_path / "bench.json")])
     saved = json.load(open(tmp_path / "bench.json"))
     assert saved == json.loads(json.dumps(report))
-    assert set(saved["rewards"]) == {
-        "reward: compressibility", "reward: ImageReward, batched",
-        "reward: ImageReward, its per-image score", "fidelity: aesthetic score, batched"}
+    assert set(saved["rewards"]) == {"reward: compressibility"}
     # two dtypes, then the same 48 transitions in one micro-batch: biggest last
     configs = saved["configurations"]
     assert [(c["dtype"], c["micro_batch"], c["grad_accum"]) for c in configs] == [
         ("float32", 4, 12), ("bfloat16", 4, 12), ("float32", 48, 1), ("bfloat16", 48, 1)]
     for c in configs:
         assert set(c["phases"]) == {
-            "diffusers pipeline call, 6 images x 2 steps",
+            "diffusers pipeline call, 4 images x 2 steps",
             "rollout (same images + transitions + log-probs)", "value update",
             "policy update, no KL term", "policy update, with KL term", "whole iteration"}
         assert all(p["seconds"] > 0 and p["peak_gib"] is None for p in c["phases"].values())
-        # the official code's second UNet: every frozen UNet weight once more, in float32
-        assert c["second_unet"]["computed_gib"] * 2**30 == pytest.approx(4 * 1_489_028)
+        # the official code's second UNet: every frozen UNet weight once more, in the run's dtype
+        size = getattr(torch, c["dtype"]).itemsize
+        assert c["second_unet"]["computed_gib"] * 2**30 == pytest.approx(size * 1_489_028)
         assert c["hours_for_2000_iterations"] == pytest.approx(
             c["phases"]["whole iteration"]["seconds"] * 2000 / 3600)
-        # the rollout's 12 transitions (6 images x 2 steps, in UNet calls of 6) re-scored at the
-        # update's shape: 3 micro-batches of 4, or one of 12; then moved by one real update
+        # the rollout's 8 transitions (4 images x 2 steps, in UNet calls of 4) re-scored at the
+        # update's shape: 2 micro-batches of 4, or one of 8; then moved by one real update
         ratio = c["ratio"]
-        assert ratio["transitions"] == 12 and ratio["update_effect_max"] > 0
+        assert ratio["transitions"] == 8 and ratio["update_effect_max"] > 0
         if c["dtype"] == "float32":  # float32 rounds alike within 1e-5; the update moves it further
             assert ratio["max_rescore_gap"] < 1e-5 and ratio["rescore_beyond_clip"] == 0
             assert ratio["update_effect_median"] > 10 * ratio["max_rescore_gap"]
