@@ -49,7 +49,7 @@ class UsageError(Exception):
 def offline_world():
     """shapes.py, imported only by the runs that use it: dpok.py alone runs SD with ImageReward."""
     if importlib.util.find_spec("shapes") is None:
-        raise UsageError("--tiny and the offline rewards need shapes.py and architectures.py beside dpok.py")
+        raise UsageError("--tiny and offline rewards need shapes.py and architectures.py beside dpok.py")
     return importlib.import_module("shapes")
 
 
@@ -121,12 +121,11 @@ def ddim_scheduler(config, steps):
 
 
 def load_pipeline(args):
-    dtype = getattr(torch, args.dtype)
     try:  # the scheduler first: an unsupported one is refused before the weights load
         config = DDIMScheduler.load_config(args.model, subfolder="scheduler")
         pipe = StableDiffusionPipeline.from_pretrained(
-            args.model, scheduler=ddim_scheduler(config, args.steps), torch_dtype=dtype,
-            safety_checker=None, requires_safety_checker=False)
+            args.model, scheduler=ddim_scheduler(config, args.steps), safety_checker=None,
+            torch_dtype=getattr(torch, args.dtype), requires_safety_checker=False)
     except UsageError:
         raise
     except Exception as e:  # offline, unknown id, incomplete folder: all end the same way
@@ -135,7 +134,7 @@ def load_pipeline(args):
             f"`huggingface-cli download {args.model}` while online, or run offline with --tiny")
     for module in (pipe.vae, pipe.text_encoder):  # frozen (add_lora freezes the UNet's own weights)
         module.requires_grad_(False)
-    return pipe.to(args.device, dtype)
+    return pipe.to(args.device)  # every component already in --dtype
 
 
 def add_lora(unet, rank):
@@ -791,6 +790,7 @@ def train(args):
 def plot_curves(history, path, keys):
     """The metrics `keys` per iteration, one panel each, as a PNG (no display needed)."""
     from matplotlib.figure import Figure  # imported here: only a finished run draws
+
     figure = Figure(figsize=(6, 2 + 1.5 * len(keys)))
     for ax, key in zip(figure.subplots(len(keys), 1, sharex=True), keys):
         ax.plot(*zip(*[(m["iteration"], m[key]) for m in history if m[key] is not None]))

@@ -1008,7 +1008,7 @@ def test_dpok_py_alone_needs_shapes_py_only_for_the_offline_world(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "dpok: error: --tiny and the offline rewards need shapes.py and architectures.py beside dpok.py")
+        "dpok: error: --tiny and offline rewards need shapes.py and architectures.py beside dpok.py")
     assert not (tmp_path / "o").exists()
 
 
