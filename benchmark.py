@@ -35,7 +35,7 @@ import torch
 
 import dpok
 import architectures
-import shapes
+import rewards
 
 
 def measure(fn, repeats, cuda, warm_up=True):
@@ -60,13 +60,13 @@ def reward_phases(options, folder, images, prompts):
     from torchvision.transforms.functional import to_pil_image
 
     cuda, rows = options.device.startswith("cuda"), {}
-    compressibility = shapes.compressibility_reward
+    compressibility = rewards.compressibility_reward
     rows["reward: compressibility"] = measure(lambda: compressibility(images, prompts), options.repeats, cuda)
     if options.no_imagereward:
         return rows, None, {}
     model = architectures.imagereward_model(os.path.join(folder, "imagereward"), device=options.device)
-    imagereward = dpok.imagereward_reward(options.device, model)
-    aesthetic = dpok.aesthetic_score(options.device, architectures.aesthetic_model(
+    imagereward = rewards.imagereward_reward(options.device, model)
+    aesthetic = rewards.aesthetic_score(options.device, architectures.aesthetic_model(
         os.path.join(folder, "aesthetic"), device=options.device))
     with torch.no_grad():
         rows["reward: ImageReward, batched"] = measure(
@@ -75,7 +75,7 @@ def reward_phases(options, folder, images, prompts):
             lambda: [model.score(p, to_pil_image(x.float().cpu())) for p, x in zip(prompts, images)],
             options.repeats, cuda)
         rows["fidelity: aesthetic score, batched"] = measure(
-            lambda: aesthetic["fidelity"](images, prompts), options.repeats, cuda)
+            lambda: aesthetic(images, prompts), options.repeats, cuda)
     return rows, imagereward, aesthetic
 
 
@@ -102,9 +102,9 @@ def rounding_and_update(run, args, batch_size, grad_accum):
     transitions, images = dpok.rollout(run.pipe, run.cond, run.uncond, index, args,
                                        torch.Generator().manual_seed(1))
     before = rescore(run, args, transitions, batch_size)
-    rewards = dpok.score(run, images, index, measured=False)[0]
+    scores = dpok.score(run, images, index, measured=False)[0]
     n = len(transitions["log_prob"])
-    batch = dict(transitions, reward=rewards.repeat_interleave(n // len(rewards)))
+    batch = dict(transitions, reward=scores.repeat_interleave(n // len(scores)))
     batch["advantage"] = batch["reward"] - batch["reward"].mean()
     batch = {k: v[torch.randperm(n, generator=torch.Generator().manual_seed(2))[:batch_size * grad_accum]]
              for k, v in batch.items()}
@@ -245,12 +245,12 @@ def main(argv=None):
         images = torch.rand(args.samples_per_iter, 3, 512 if options.sd15 else 32,
                             512 if options.sd15 else 32, generator=torch.Generator().manual_seed(0))
         prompts = [args.prompt] * len(images)
-        rewards, imagereward, aesthetic = reward_phases(options, folder, images.to(args.device), prompts)
-        scorers = (imagereward, aesthetic) if options.sd15 else (None, None)
+        reward_rows, imagereward, aesthetic = reward_phases(options, folder, images.to(args.device), prompts)
+        scorers = (imagereward, dict(fidelity=aesthetic)) if options.sd15 else (None, None)
         print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, "
               f"{'SD v1.5 architecture' if options.sd15 else 'shapes world'}, {args.samples_per_iter} "
               f"images x {args.steps} steps; rewards on {len(images)} images:")
-        for name, row in rewards.items():
+        for name, row in reward_rows.items():
             print(f"  {name:<56} {row['seconds']:9.3f}")
         results = []
         for batch_size, grad_accum in ((4, 12), (48, 1)):  # the same 48 transitions, biggest last
@@ -266,7 +266,7 @@ def main(argv=None):
     report = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                   world="sd15" if options.sd15 else "shapes", latent_size=options.latent_size,
                   images=args.samples_per_iter, steps=args.steps, repeats=options.repeats,
-                  rewards=rewards, configurations=results)
+                  rewards=reward_rows, configurations=results)
     if options.out:
         with open(options.out, "w") as f:
             json.dump(report, f, indent=1)

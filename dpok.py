@@ -22,7 +22,6 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 from types import SimpleNamespace
 
 import diffusers
@@ -31,7 +30,6 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 import transformers
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
@@ -46,16 +44,21 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-def offline_world():
-    """shapes.py, imported only by the runs that use it: dpok.py alone runs SD with ImageReward."""
-    if importlib.util.find_spec("shapes") is None:
-        raise UsageError("--tiny and offline rewards need shapes.py and architectures.py beside dpok.py")
-    return importlib.import_module("shapes")
+def beside(module):
+    """rewards.py (every --reward) and shapes.py (the offline world): this repository's modules
+    beside dpok.py, imported only by the runs that use them."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError({"shapes": "--tiny and offline rewards need shapes.py and architectures.py",
+                          "rewards": "--reward needs rewards.py"}[module] + " beside dpok.py")
+    return importlib.import_module(module)
 
 
 # ---- Hyperparameters: the official code's defaults (README "The official code") unless marked otherwise
 def opt(default, help, choices=None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+REWARDS = ("imagereward", "aesthetic", "compressibility", "shapes", "shapes-learned")  # by name
 
 
 @dataclasses.dataclass
@@ -64,8 +67,7 @@ class Args:
     prompts: str = opt(None, "file with one prompt per line (multi-prompt training)")
     model: str = opt("stable-diffusion-v1-5/stable-diffusion-v1-5", "diffusers model id or path")
     tiny: bool = opt(False, "the shapes world (shapes.py): its shipped tiny model, offline, CPU")
-    reward: str = opt("imagereward", "the reward (imagereward: the paper's)",
-                      ["imagereward", "shapes", "shapes-learned", "compressibility"])
+    reward: str = opt("imagereward", f"{', '.join(REWARDS)} (README), or your FILE.py:FUNCTION")
     lora_rank: int = opt(4, "LoRA rank on the UNet attention projections")
     steps: int = opt(50, "DDIM steps T per image (paper Sec. 5)")
     guidance: float = opt(7.5, "classifier-free guidance scale w")
@@ -81,6 +83,7 @@ class Args:
     kl_beta: float = opt(0.01, "beta: weight of the KL regulariser (kl_weight)")
     ratio_clip: float = opt(1e-4, "importance ratio clamped to [1 - c, 1 + c]")
     no_value: bool = opt(False, "no value function: advantage = reward")
+    official_advantage: bool = opt(False, "advantage r - V as the official code, not centred (dev. 10)")
     value_steps: int = opt(5, "value batches accumulated into its one step per iteration (v_step)")
     value_batch_size: int = opt(256, "transitions per value-function batch (v_batch_size)")
     value_lr: float = opt(1e-4, "value-function learning rate")
@@ -258,55 +261,15 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, kl_bound=False):
     return transitions, pipe.image_processor.postprocess(images.float(), output_type="pt")
 
 
-# ---- Reward r(x_0, z) and fidelity: ImageReward, aesthetic score (paper); shapes.py's, weight-free
-def preprocess_batch(preprocess, images):
-    """A scorer's own preprocessing (resize 224 bicubic, centre crop, normalise) on a batch of
-    tensors in [0, 1], its PIL conversions skipped; equal to the PIL path up to rounding (tested)."""
-    on_tensors = (T.Resize, T.CenterCrop, T.Normalize)
-    return T.Compose([t for t in preprocess.transforms if isinstance(t, on_tensors)])(images.float())
-
-
-def imagereward_reward(device, model=None):
-    """ImageReward-v1.0 (Xu et al. 2023), downloaded (~1.7 GB) on first use; `model` lets a test
-    pass one built offline. Scores are standardised by the package. Not differentiated."""
+# ---- Reward r(x_0, z): rewards.py's (the paper's ImageReward), shapes.py's (offline), or a user's
+def reward_and_measures(spec, device, prompts):
+    """The reward --reward names, fn(images (B, 3, H, W) in [0, 1], B prompts) -> B scores, and
+    the held-out measures {name: fn} scored beside it, never trained on (rewards.py finds them)."""
+    rewards = beside("rewards")
     try:
-        with warnings.catch_warnings():  # its `clip` dependency warns about pkg_resources
-            warnings.simplefilter("ignore")
-            import ImageReward
-        model = model or ImageReward.load("ImageReward-v1.0", device=device)
-    except Exception as e:  # not installed, or offline before its first download
-        raise UsageError(f"cannot load ImageReward-v1.0 ({type(e).__name__}); it downloads on "
-                         "first use, so connect once, or run offline with --tiny")
-
-    def reward(images, prompts):  # the whole batch in one BLIP forward (its `score` takes one)
-        text = model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
-                                    return_tensors="pt").to(device)
-        return model.score_gard(text.input_ids, text.attention_mask,
-                                preprocess_batch(model.preprocess, images).to(device)).squeeze(1)
-    return reward
-
-
-def aesthetic_score(device, model=None):
-    """Fidelity beside ImageReward (paper Sec. 5): the LAION aesthetic predictor (CLIP ViT-L/14 +
-    an MLP) of image-reward (imported by imagereward_reward), downloaded on first use; without
-    it a note and no measure. The batch in one CLIP forward, as its `score` does one file."""
-    try:
-        model = model or sys.modules["ImageReward"].load_score("Aesthetic", device=device)
-    except Exception as e:  # offline before its first download
-        say(f"note: no aesthetic score ({type(e).__name__})")
-        return {}
-    pixels = lambda images: preprocess_batch(model.preprocess, images).to(device, model.clip_model.dtype)
-    return dict(fidelity=lambda images, prompts: model.mlp(F.normalize(
-        model.clip_model.encode_image(pixels(images))).float()).squeeze(1))
-
-
-def reward_and_measures(name, device):
-    """The reward r(x_0, z), fn(images in [0, 1], prompts) -> one score per image, and the held-out
-    measures {name: fn(images, prompts)} scored beside it, never trained on."""
-    if name == "imagereward":  # the paper's, with the aesthetic score as fidelity
-        return imagereward_reward(device), aesthetic_score(device)
-    world = offline_world()  # shapes.py's, weight-free
-    return world.REWARDS[name](device), world.MEASURES[name]
+        return rewards.load(spec, device, prompts)
+    except Exception as e:  # no such file, module or function; a wrong shape; offline
+        raise UsageError(f"--reward {spec}: {(str(e) or type(e).__name__).splitlines()[0][:200]}")
 
 
 # ---- Value function V(x_t, z, t) (official code, v_flag = 1): a baseline for the advantage.
@@ -365,7 +328,7 @@ def policy_loss(unet, scheduler, batch, cond, uncond, args):
     # What the rollout's stored log-prob would have given them: the rollout-vs-update rounding
     gap = torch.where(on_policy, torch.exp(log_prob.detach() - batch["log_prob"]) - 1, 0).abs()
     stats = dict(ratio=ratio.mean().item(), clipfrac=(ratio != clipped).float().mean().item(),
-                 max_rescore_gap=gap.max().item())
+                 max_rescore_gap=gap.max().item(), advantage=batch["advantage"].mean().item())
     if args.kl_beta > 0:  # no second UNet pass when the estimator does not need it
         with pretrained_model(unet), torch.no_grad():
             eps_pre = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond, args.guidance)
@@ -430,7 +393,7 @@ def setup(args, prompts):
     latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
     value_fn = None if args.no_value or args.supervised else ValueFunction(
         latent_dim, text_features.shape[-1], args.steps).to(args.device)
-    reward_fn, measures = reward_and_measures(args.reward, args.device)
+    reward_fn, measures = reward_and_measures(args.reward, args.device, prompts)
     return SimpleNamespace(
         pipe=pipe, prompts=prompts, cond=cond, uncond=uncond, text_features=text_features,
         reward_fn=reward_fn, measures=measures,
@@ -439,7 +402,8 @@ def setup(args, prompts):
         params=params, value_fn=value_fn,  # V's optimizer: torch's default weight decay (official)
         value_opt=value_fn and torch.optim.AdamW(value_fn.parameters(), lr=args.value_lr),
         generator=torch.Generator().manual_seed(args.seed + world()[0]),  # every later draw
-        buffer=None, prompt_queue=[])  # transitions, each key (N, ...); the rest of a prompt pass
+        buffer=None, prompt_queue=[],  # transitions, each key (N, ...); the rest of a prompt pass
+        said=set())  # what watch() has said
 
 
 def next_prompts(run, n):
@@ -525,13 +489,16 @@ def dpok_iteration(run, args):
     # 3. Value function V(x_t, z, t): one step towards the final rewards in the buffer.
     value_mse = None if run.value_fn is None else update_value_function(run, args)
     # 4. Policy: policy_steps updates on random buffer transitions, with the advantage
-    #    A = r - V(x_t, z, t) of the just-updated V (official: no normalisation; no V: A = r).
+    #    A = r - V(x_t, z, t) of the just-updated V (no V: A = r), centred over the batch of all
+    #    ranks: V's error in the mean would push every sampled step alike (deviation 10).
     updates = []
     for _ in range(args.policy_steps):
         batch = sample_batch(run.buffer, args.grad_accum * args.batch_size, run.generator)
         with torch.no_grad():
             batch["advantage"] = batch["reward"] - (0.0 if run.value_fn is None else run.value_fn(
                 batch["latents"], run.text_features[batch["prompt_index"]], batch["step"]))
+            if not args.official_advantage:
+                batch["advantage"] -= all_gather(batch["advantage"]).mean()
         updates.append(update(run, batch, lambda micro: policy_loss(
             run.pipe.unet, run.pipe.scheduler, micro, run.cond, run.uncond, args), args))
         run.buffer["on_policy"].zero_()  # theta has moved: from now on the stored log-prob is p_old
@@ -629,7 +596,7 @@ STATEFUL = ("optimizer", "scaler", "value_fn", "value_opt")  # saved by their st
 # Flags that do not change the algorithm: a resumed run may change them.
 RESUMABLE = {"iterations", "out", "resume", "overwrite", "save_every", "grid_every", "device"}
 OUTPUTS = ("metrics.jsonl", "checkpoint.pt", "pytorch_lora_weights.safetensors", "samples_",
-           "reward_curve.png")
+           "reward_curve.png", "best")
 
 
 def check_writable(out):
@@ -667,7 +634,8 @@ def check_out(args):
     if previous and world()[0] == 0:  # --overwrite: remove what an earlier run wrote, nothing else
         for name in os.listdir(args.out):
             if name.startswith(OUTPUTS):
-                os.remove(os.path.join(args.out, name))
+                path = os.path.join(args.out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     return None
 
 
@@ -696,6 +664,38 @@ def save_checkpoint(run, args, iteration):
     if all_gather(torch.tensor([float(error is not None)], device=run.cond.device)).any():
         raise TrainingStopped(f"cannot write the checkpoint in {args.out} ({error}); the "
                               "previous one is intact", 1)
+
+
+def watch(history, run, args, window=10):
+    """Rank 0, after every iteration. Keeps in --out/best the LoRA of the best mean reward over
+    `window` iterations so far (one iteration's samples are too few to choose by). Says once what
+    went wrong: rounding beyond the ratio clip (deviation 6); a collapse, when the last window's
+    samples all scored alike (no spread left to learn from) or their mean fell below the best, or
+    the pretrained model's, by the spread of the pretrained model's samples (iteration 0's)."""
+    notes, gap = {}, history[-1].get("max_rescore_gap", 0)
+    if gap > args.ratio_clip:
+        notes["rounding"] = (
+            f"note: {args.dtype} rounds the rollout and the update apart by {gap:.1e}, beyond "
+            f"--ratio-clip {args.ratio_clip:g}: later updates clip by rounding alone; use "
+            f"--batch-size {args.samples_per_iter} (the rollout's shape) or --dtype float32")
+    if len(history) >= window:
+        means = torch.tensor([m["reward_mean"] for m in history]).unfold(0, window, 1).mean(1)
+        if means[-1] == means.max():
+            os.makedirs(os.path.join(args.out, "best"), exist_ok=True)
+            save_lora(run.pipe.unet, os.path.join(args.out, "best"))
+        best, spread = max(means.max().item(), history[0]["reward_mean"]), history[0]["reward_std"]
+        alike = max(m["reward_std"] for m in history[-window:]) < 0.01 * spread
+        if spread > 0 and (alike or means[-1] < best - spread):  # one image: no spread to judge by
+            notes["collapse"] = (
+                f"warning: the run looks collapsed at iteration {history[-1]['iteration']}: "
+                + (f"for {window} iterations its samples all scored alike" if alike else
+                   f"the mean reward of {window} iterations fell to {means[-1]:.3f} from "
+                   f"{best:.3f}") + "; try a larger --kl-beta or a smaller --lr. The LoRA "
+                f"of the best {window}-iteration mean reward is in {args.out}/best")
+    for kind, message in notes.items():
+        if kind not in run.said:
+            run.said.add(kind)
+            say(message, "\n")
 
 
 def stop_now(signum, frame):
@@ -754,11 +754,6 @@ def train(args):
                                       "checkpoint in --out is the last good state", 1)
             metrics = dict(iteration=iteration, **metrics, seconds=time.time() - start)
             history.append(metrics)
-            if iteration == first and metrics.get("max_rescore_gap", 0) > args.ratio_clip:  # once
-                say(f"note: {args.dtype} rounds the rollout and the update apart by "
-                    f"{metrics['max_rescore_gap']:.1e}, beyond --ratio-clip {args.ratio_clip:g}: later "
-                    f"updates clip by rounding alone; use --batch-size {args.samples_per_iter} (the "
-                    "rollout's shape) or --dtype float32")
             if rank == 0:  # metrics (of all ranks), rank 0's images, the progress bar
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -766,6 +761,7 @@ def train(args):
                     save_image(images, os.path.join(args.out, f"samples_{iteration:05d}.png"),
                                nrow=math.ceil(math.sqrt(len(images))))
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=metrics["kl"])
+                watch(history, run, args)
             # a signal to any rank stops every rank after this same iteration
             signum = int(all_gather(torch.tensor(stop[:1] or [0], device=run.cond.device)).max())
             if signum or (iteration + 1) % args.save_every == 0 or iteration + 1 == args.iterations:
@@ -806,7 +802,7 @@ def evaluate(args):
     prompts = read_prompts(args)
     check_writable(args.out)  # eval.json and eval.png may go beside the run they evaluate
     pipe = load_pipeline(args)
-    reward_fn, measures = reward_and_measures(args.reward, args.device)
+    reward_fn, measures = reward_and_measures(args.reward, args.device, prompts)
     scorers = dict(reward=reward_fn, **measures)
     try:
         pipe.load_lora_weights(args.lora)
@@ -864,11 +860,12 @@ def flag(name):
 COUNTS = [f.name for f in dataclasses.fields(Args) if f.type is int and f.name != "seed"]
 # Flags that a mode never reads: giving one there is a mistake to report, not to ignore.
 VALUE = {"value_steps", "value_batch_size", "value_lr"}
+RL = {"ratio_clip", "buffer_size", "no_value", "official_advantage", *VALUE}  # DPOK's update alone
 UNUSED = {
-    "eval": {"iterations", "policy_steps", "grad_accum", "batch_size", "lr", "clip_norm",
-             "reward_alpha", "kl_beta", "ratio_clip", "no_value", "buffer_size", "lora_rank",
-             "grid_every", "save_every", "resume", "overwrite", "supervised", *VALUE},
-    "supervised": {"ratio_clip", "buffer_size", "no_value", *VALUE},
+    "eval": {"iterations", "policy_steps", "grad_accum", "batch_size", "lr", "clip_norm", "lora_rank",
+             "reward_alpha", "kl_beta", "grid_every", "save_every", "resume", "overwrite",
+             "supervised", *RL},
+    "supervised": RL,
     "no_value": VALUE,
     "tiny": {"model"},
     "resume": {"overwrite"},  # it continues the run in --out, --overwrite would replace it
@@ -885,7 +882,7 @@ def parse_args(argv=None):
                                                                      choices=f.metadata["choices"])
         parser.add_argument(flag(f.name), help=f.metadata["help"] + default, **kind)
     given = vars(parser.parse_args(argv))
-    tiny = offline_world().TINY_DEFAULTS if given.get("tiny") else {}  # deviation 8
+    tiny = beside("shapes").TINY_DEFAULTS if given.get("tiny") else {}  # deviation 8
     args = Args(**{**tiny, **given})
     check_args(args, set(given))
     return args
@@ -898,6 +895,8 @@ def check_args(args, given):
 
     if (args.prompt is None) == (args.prompts is None):
         bad("give exactly one of --prompt TEXT or --prompts FILE")
+    if ":" not in args.reward and args.reward not in REWARDS:
+        bad(f"unknown --reward {args.reward!r}: one of {', '.join(REWARDS)}, or FILE.py:FUNCTION")
     for name in ("prompt", "prompts", "model", "out", "lora"):
         if getattr(args, name) is not None and not getattr(args, name).strip():
             bad(f"{flag(name)} is empty")
@@ -955,8 +954,8 @@ def read_prompts(args):
         else:
             with open(args.prompts, encoding="utf-8") as f:
                 prompts = [line.strip() for line in f if line.strip()]
-        if args.reward.startswith("shapes"):  # a prompt that is not a shapes caption is bad input
-            [offline_world().parse_caption(p) for p in prompts]
+        if args.reward in ("shapes", "shapes-learned"):  # a prompt that is no shapes caption: bad input
+            [beside("shapes").parse_caption(p) for p in prompts]
     except UnicodeDecodeError:
         raise UsageError(f"prompts file is not UTF-8 text: {args.prompts}")
     except OSError as e:  # missing, a folder, unreadable

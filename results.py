@@ -10,6 +10,7 @@ Then the tables (markdown, mean +- std over seeds) and the figures. `python resu
 
 import json
 import os
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -58,27 +59,33 @@ SUPERVISED_GRID = [(lr, gamma) for lr in ("3e-5", "1e-4", "3e-4") for gamma in (
 # Multi-prompt DPOK: the official multi-prompt recipe's reward_weight / kl_weight (1000 / 0.1, ten
 # times the single-prompt ratio) at the tiny reward_alpha of 10; 16 captions, one each per iteration.
 MULTI_BETA = "0.001"
+# The experiments below the quick start's were made with the official advantage r - V (before the
+# centring of dpok.py's deviation 10); they keep it, so that their numbers stay what they are.
+OFFICIAL = ["--official-advantage"]
 
 
-def results_runs(seeds, horizon=300, out=None):
+def results_runs(seeds, horizon=300, out=None, quick_seeds=range(10)):
     """name -> dict(reward, flags, evals[, prompt, groups]): the dpok.py flags of each run, the
     iterations at which it is evaluated, its training prompt (default RESULTS_PROMPT) and eval
     prompts files ({group: file}, default RESULTS_PROMPT alone). Seed-major within each experiment,
     so that an interrupted command has whole seeds done. Once the baseline's calibration is
     evaluated in `out`, its best setting joins at the other seeds and on the multi-prompt task."""
     runs, half = {}, max(1, horizon // 2)
+    for seed in map(str, quick_seeds):  # the quick start's command, its defaults alone
+        runs[f"quick_s{seed}"] = dict(reward="shapes", flags=["--seed", seed], evals=[half])
     for seed in map(str, seeds):  # over-optimisation: the learned reward, evaluated along training
         for beta in BETAS:
             runs[f"learned_b{beta}_s{seed}"] = dict(
-                reward="shapes-learned", flags=["--kl-beta", beta, "--seed", seed],
+                reward="shapes-learned", flags=["--kl-beta", beta, "--seed", seed, *OFFICIAL],
                 evals=sorted({max(1, horizon * k // 4) for k in (1, 2, 3, 4)}))
     for seed in map(str, seeds):  # DPOK vs supervised on the analyser, at equal reward queries
         for beta in BETAS[:3]:
             runs[f"shapes_b{beta}_s{seed}"] = dict(
-                reward="shapes", flags=["--kl-beta", beta, "--seed", seed], evals=[half])
+                reward="shapes", flags=["--kl-beta", beta, "--seed", seed, *OFFICIAL], evals=[half])
     for seed in map(str, seeds):  # the quick start (shapes_b0.01) in half precision
         runs[f"shapes_bf16_b0.01_s{seed}"] = dict(
-            reward="shapes", flags=["--kl-beta", "0.01", "--dtype", "bfloat16", "--seed", seed], evals=[half])
+            reward="shapes", flags=["--kl-beta", "0.01", "--dtype", "bfloat16", "--seed", seed, *OFFICIAL],
+            evals=[half])
 
     def add_supervised(lr, gamma, seed):
         runs[f"supervised_lr{lr}_g{gamma}_s{seed}"] = dict(reward="shapes", evals=[half], flags=[
@@ -94,10 +101,12 @@ def results_runs(seeds, horizon=300, out=None):
                  groups=shapes.PROMPT_FILES)
     for seed in map(str, seeds):
         runs[f"shapes_novalue_b0.01_s{seed}"] = dict(
-            reward="shapes", flags=["--kl-beta", "0.01", "--no-value", "--seed", seed], evals=[half])
-        runs[f"multi_b{MULTI_BETA}_s{seed}"] = dict(multi, flags=["--kl-beta", MULTI_BETA, "--seed", seed])
+            reward="shapes", flags=["--kl-beta", "0.01", "--no-value", "--seed", seed, *OFFICIAL],
+            evals=[half])
+        runs[f"multi_b{MULTI_BETA}_s{seed}"] = dict(
+            multi, flags=["--kl-beta", MULTI_BETA, "--seed", seed, *OFFICIAL])
         runs[f"multi_novalue_b{MULTI_BETA}_s{seed}"] = dict(
-            multi, flags=["--kl-beta", MULTI_BETA, "--no-value", "--seed", seed])
+            multi, flags=["--kl-beta", MULTI_BETA, "--no-value", "--seed", seed, *OFFICIAL])
     if out is not None and all(map(os.path.exists, calibration)):
         gains = [json.load(open(path))["results"][0]["reward_gain"] for path in calibration]
         lr, gamma = SUPERVISED_GRID[gains.index(max(gains))]
@@ -144,7 +153,7 @@ def run_experiment(folder, spec, eval_samples, threads):
                 subprocess.run(command, stdout=log, stderr=log, env=env, check=True)
 
 
-def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64):
+def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64, quick_seeds=range(10)):
     """Run every Results run not done yet, `jobs` at a time, then print the tables and draw the
     figures; returns the tables' rows."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -153,7 +162,7 @@ def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64):
     os.makedirs(out, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     for _ in range(2):  # the second pass: the calibrated baseline at the other seeds, multi-prompt
-        runs = results_runs(seeds, horizon, out)
+        runs = results_runs(seeds, horizon, out, quick_seeds)
         todo = {name: spec for name, spec in runs.items() if not all(
             os.path.exists(evaluated(os.path.join(out, name), k, group))
             for k in spec["evals"] for group in spec.get("groups", [""]))}
@@ -192,7 +201,9 @@ def results_tables(out, runs):
             with open(os.path.join(out, name, "metrics.jsonl")) as f:  # training speed, rounding gap
                 metrics = [json.loads(line) for line in f]
             row.update(seconds=sorted(m["seconds"] for m in metrics)[len(metrics) // 2],
-                       max_rescore_gap=max(m.get("max_rescore_gap", 0.0) for m in metrics))
+                       max_rescore_gap=max(m.get("max_rescore_gap", 0.0) for m in metrics),
+                       seed=name.rsplit("_s", 1)[1],  # the reward's spread at the end: near 0, collapsed
+                       last_spread=sum(m["reward_std"] for m in metrics[-10:]) / len(metrics[-10:]))
             analysed = breakdown(folder, quiet=True)
             for when in ("pretrained", "finetuned"):
                 row.update({f"{key}_{when}": v for key, v in analysed[RESULTS_PROMPT, when].items()})
@@ -257,13 +268,80 @@ def results_tables(out, runs):
                           f"{mean_std([r['reward_gain_se'] for r in rows])[0]:.3f} | " + " | ".join(
                               cell(rows, key) for key in ("fidelity_finetuned", "kl_bound")) + " |")
         tables["Multi-prompt"] = multi
+    tables["Quick start"] = quick_start_table(evals)
     value_figure(out, runs)
     multi_prompt_figure(out, runs)
+    collapse_figure(out, runs)
     if any(run.startswith("learned") for run, _ in evals):
         hack_table({run: [r["folder"] for r in rows] for run, rows in tables[
             "Over-optimisation: DPOK with the learned reward"].items()})
         overoptimisation_figure(out, evals)
     return tables
+
+
+def collapsed(row):
+    """The quick start's failure, by the README's three signs: a gain below -0.3, fidelity below
+    0.85, or a reward spread near 0 (under 0.1) over the last 10 iterations' samples."""
+    return row["reward_gain"] < -0.3 or row["fidelity_finetuned"] < 0.85 or row["last_spread"] < 0.1
+
+
+def quick_start_table(evals):
+    """Every seed of the quick start's command (the centred advantage, `quick`) and of its runs
+    with the official advantage (`shapes_b0.01`), each in a row; then each one's median gain and
+    collapses."""
+    groups = {run: sorted(rows, key=lambda r: int(r["seed"])) for (run, _), rows in evals.items()
+              if run in ("quick", "shapes_b0.01")}
+    if not groups:
+        return {}
+    print("\nThe quick start, every seed (gain ± SE of the 64 pairs)\n\n| advantage | seed | alignment "
+          "gain | exact | fidelity | KL bound | reward spread, last 10 iterations | collapsed |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for run, rows in groups.items():
+        for r in rows:
+            print(f"| {('centred (default)', 'official')[run != 'quick']} | {r['seed']} | "
+                  f"{r['reward_gain']:+.2f} ± {r['reward_gain_se']:.2f} | {r['exact_finetuned']:.3f} | "
+                  f"{r['fidelity_finetuned']:.3f} | {r['kl_bound']:,.0f} | {r['last_spread']:.3f} | "
+                  f"{'**yes**' if collapsed(r) else 'no'} |")
+    for run, rows in groups.items():
+        gains = [r["reward_gain"] for r in rows]
+        print(f"\n{run}: {len(rows)} seeds, median gain {statistics.median(gains):+.3f}, mean "
+              "{:+.3f} ± {:.3f}, ".format(*mean_std(gains)) + f"collapsed {sum(map(collapsed, rows))}")
+    return groups
+
+
+def collapse_figure(out, runs):
+    """What a collapse looks like from inside, per iteration: the official advantage's training
+    seed 2 (which collapses) against the same seed with the centred advantage, and the centred
+    quick start's other seeds in the background."""
+    from matplotlib.figure import Figure
+
+    curves = {}
+    for name in runs:
+        if name.startswith(("quick_s", "shapes_b0.01_s2")) and os.path.exists(
+                path := os.path.join(out, name, "metrics.jsonl")):
+            with open(path) as f:
+                curves[name] = [json.loads(line) for line in f]
+    if "shapes_b0.01_s2" not in curves or "quick_s2" not in curves:
+        return
+    keys = (("reward_mean", "reward\n(10-iteration mean)"), ("reward_std", "reward spread\nof the samples"),
+            ("advantage", "mean advantage\nof the updates"), ("kl", "KL regulariser"),
+            ("fidelity", "fidelity\n(clean pixels)"))
+    figure = Figure(figsize=(7, 11))
+    for ax, (key, label) in zip(figure.subplots(len(keys), 1, sharex=True), keys):
+        for name, metrics in curves.items():
+            y = torch.tensor([m.get(key) if m.get(key) is not None else float("nan") for m in metrics])
+            if key == "reward_mean":
+                y = F.avg_pool1d(y[None, None], min(10, len(y)), 1)[0, 0]
+            x = torch.arange(len(y)) + len(metrics) - len(y)
+            style = dict(shapes_b0_01_s2=dict(color="C3", lw=2, label="seed 2, official advantage r − V"),
+                         quick_s2=dict(color="C0", lw=2, label="seed 2, centred (default)")).get(
+                name.replace(".", "_"), dict(color="C0", lw=0.6, alpha=0.3))
+            ax.plot(x, y, **style)
+        ax.set(ylabel=label)
+        ax.grid(alpha=0.3)
+    figure.axes[0].legend()
+    figure.supxlabel("iteration")
+    figure.savefig(os.path.join(out, "collapse.png"), dpi=100, bbox_inches="tight")
 
 
 def multi_prompt_figure(out, runs):
@@ -412,6 +490,8 @@ def main(argv=None):
     parser.add_argument("--horizon", type=int, default=300,
                         help="iterations of the learned-reward runs (the others: half)")
     parser.add_argument("--eval-samples", type=int, default=64, help="eval seeds per prompt")
+    parser.add_argument("--quick-seeds", type=int, default=10,
+                        help="training seeds of the quick start's own table: 0 to N - 1")
     parser.add_argument("--breakdown", metavar="EVAL_FOLDER",
                         help="instead: the analyser's scores of one --eval of the shapes world")
     args = parser.parse_args(argv)
@@ -423,14 +503,15 @@ def main(argv=None):
         return breakdown(args.breakdown)
     if args.folder is None:
         parser.error("give the results FOLDER (or --breakdown EVAL_FOLDER)")
-    for name in ("jobs", "horizon", "eval_samples"):
+    for name in ("jobs", "horizon", "eval_samples", "quick_seeds"):
         if getattr(args, name) < (2 if name == "eval_samples" else 1):
             parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'eval_samples' else 1}")
     if any(not 0 <= s < 2**63 for s in args.seeds) or len(set(args.seeds)) < len(args.seeds):
         parser.error(f"--seeds must be distinct whole numbers in [0, 2^63), got {args.seeds}")
     if os.path.exists(args.folder) and not (os.path.isdir(args.folder) and os.access(args.folder, os.W_OK)):
         parser.error(f"{args.folder} is not a writable folder")
-    return reproduce(args.folder, args.seeds, args.jobs, args.horizon, args.eval_samples)
+    return reproduce(args.folder, args.seeds, args.jobs, args.horizon, args.eval_samples,
+                     range(args.quick_seeds))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,8 @@ trains a tiny text-to-image model of Stable Diffusion's own component types on t
 is its fidelity measure, and `LearnedReward` its learned reward (`--reward shapes-learned`),
 fitted to the analyser's scores of the pretrained model's samples, as ImageReward was fitted to
 people's ratings. `TINY_DEFAULTS` are the hyperparameters `--tiny` trains with.
-`compressibility_reward` is DDPO's weight-free reward, for any model.
 """
 
-import io
 import json
 import os
 
@@ -28,21 +26,6 @@ TINY_DEFAULTS = dict(
     value_steps=10, value_batch_size=128, value_lr=1e-3, iterations=150, save_every=25,
     supervised_samples=1600, eval_samples=64,
 )
-
-
-# ----------------------------------------------------------------------------------------------
-# A reward any model can use. Rewards take images (B, 3, H, W) in [0, 1] and B prompts.
-
-def compressibility_reward(images, prompts):
-    """DDPO's JPEG compressibility: minus the file size in kB at quality 95."""
-    from torchvision.transforms.functional import to_pil_image
-
-    sizes = []
-    for image in images:
-        buffer = io.BytesIO()
-        to_pil_image(image.float().cpu()).save(buffer, format="JPEG", quality=95)
-        sizes.append(-buffer.tell() / 1000)
-    return torch.tensor(sizes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,13 +419,12 @@ def learned_reward(device="cpu", folder=TINY_DEFAULTS["model"]):
     return lambda images, prompts: (model(images.to(device), prompts) - constants["mean"]) / constants["std"]
 
 
-# dpok.py's offline rewards, {--reward: fn(device) -> reward fn}, and their held-out measures,
+# dpok.py's offline rewards, {--reward: fn(device) -> (reward, held-out measures)}, the measures
 # never trained on: the clean fraction (fidelity) and, beside the learned reward, the analyser
-# as the judge.
-REWARDS = {"shapes": lambda device: shapes_reward, "shapes-learned": learned_reward,
-           "compressibility": lambda device: compressibility_reward}
-MEASURES = {"shapes": dict(fidelity=clean_fraction), "compressibility": {},
-            "shapes-learned": dict(judge=shapes_reward, fidelity=clean_fraction)}
+# as the judge. Rewards take images (B, 3, H, W) in [0, 1] and B prompts.
+REWARDS = {"shapes": lambda device: (shapes_reward, dict(fidelity=clean_fraction)),
+           "shapes-learned": lambda device: (learned_reward(device),
+                                             dict(judge=shapes_reward, fidelity=clean_fraction))}
 
 
 def main(argv=None):

@@ -22,6 +22,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 import dpok
 import architectures
 import results
+import rewards
 import shapes
 
 slow = pytest.mark.slow  # the full suite only (conftest.py)
@@ -476,10 +477,11 @@ def test_value_function_takes_one_adamw_step_on_its_accumulated_batches(tiny_run
 
 
 def test_value_function_removes_the_reward_offset_that_no_value_leaves_in_the_advantage(tiny_run):
-    """Why the value function matters on a reward that is not centred (README Results: every
-    single-prompt --no-value run on the analyser's reward, about -1.1 for "three green squares",
-    collapsed): without it A = r pushes every sampled action down; within the value steps of
-    16-30 iterations A = r - V is centred, |mean A| under a quarter of |mean r| (measured 0.14)."""
+    """Why the value function matters to the official advantage on a reward that is not centred
+    (RESULTS.md: every single-prompt --no-value --official-advantage run on the analyser's reward,
+    about -1.1 for "three green squares", collapsed): without it A = r pushes every sampled
+    action down; within the value steps of 16-30 iterations A = r - V is nearly centred, |mean A|
+    under a quarter of |mean r| (measured 0.14). Nearly: the centring of deviation 10 does the rest."""
     run, args = tiny_run
     generator = torch.Generator()
     generator.set_state(run.generator.get_state())
@@ -503,6 +505,32 @@ def test_value_function_removes_the_reward_offset_that_no_value_leaves_in_the_ad
         dpok.update_value_function(run, args)
         offsets.append(mean_advantage().abs().item())
     assert sum(offsets[15:]) / 15 < abs(rewards.mean().item()) / 4, offsets
+
+
+def test_the_advantage_is_centred_so_an_offset_in_the_reward_changes_no_update(monkeypatch, tmp_path):
+    """Deviation 10: A = r - V - mean(r - V) over the update's batch. A constant added to every
+    reward leaves the first update's gradient as it was (with --no-value, so that V, which
+    regresses on the reward, plays no part); with --official-advantage, A = r + c, and the same
+    constant turns the gradient (it pushes every sampled step alike)."""
+    def first_gradient(offset, *flags):
+        args = tiny_args("--steps", "4", "--samples-per-iter", "4", "--no-value", *flags, out=tmp_path)
+        run, grads, update = dpok.setup(args, [PROMPT]), [], dpok.update
+        reward = run.reward_fn
+        run.reward_fn = lambda images, prompts: reward(images, prompts) + offset
+        def recording(*arguments):  # the first update's gradient (clipped, as it steps)
+            stats = update(*arguments)
+            grads.append(torch.cat([p.grad.flatten() for p in run.params]))
+            return stats
+
+        monkeypatch.setattr(dpok, "update", recording)
+        dpok.dpok_iteration(run, args)
+        return grads[0]
+
+    centred, shifted = first_gradient(0.0), first_gradient(-3.0)
+    assert centred.norm() > 0
+    torch.testing.assert_close(shifted, centred, rtol=1e-3, atol=1e-5 * centred.abs().max().item())
+    official = [first_gradient(offset, "--official-advantage") for offset in (0.0, -3.0)]
+    assert (official[1] - official[0]).norm() > 0.3 * official[0].norm()
 
 
 def test_optimizers_weight_decay_is_the_official_codes(tiny_run):
@@ -657,7 +685,7 @@ def test_learned_reward_run_reports_the_analyser_as_judge(tmp_path, capsys):
 def test_compressibility_reward_prefers_flat_images():
     flat = torch.full((1, 3, 32, 32), 0.5)
     noisy = torch.rand((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
-    assert shapes.compressibility_reward(flat, [""]) > shapes.compressibility_reward(noisy, [""])
+    assert rewards.compressibility_reward(flat, [""]) > rewards.compressibility_reward(noisy, [""])
 
 
 def test_batched_imagereward_equals_its_per_image_score(tmp_path):
@@ -669,7 +697,7 @@ def test_batched_imagereward_equals_its_per_image_score(tmp_path):
     prompts = [PROMPT, "a green colored rabbit", PROMPT, "two red circles"]
     images = smooth_images(4, 64)
     with torch.no_grad():
-        batched = dpok.imagereward_reward("cpu", model)(images, prompts)
+        batched = rewards.imagereward_reward("cpu", model)(images, prompts)
         alone = torch.tensor([model.score(p, to_pil_image(x)) for p, x in zip(prompts, images)])
     # Measured: 0.004 apart (PIL resizes in 8 bits); the scores themselves spread 0.1, so a
     # prompt or an image out of place would be off by more than 0.01.
@@ -690,25 +718,62 @@ def test_batched_aesthetic_score_equals_its_per_file_score(tmp_path, monkeypatch
         to_pil_image(image).save(tmp_path / f"{i}.png")
         alone.append(model.score("", str(tmp_path / f"{i}.png")))
     with torch.no_grad():
-        batched = dpok.aesthetic_score("cpu", model)["fidelity"](images, [PROMPT] * 4)
+        batched = rewards.aesthetic_score("cpu", model)(images, [PROMPT] * 4)
     alone = torch.tensor(alone)
     # Measured: 2e-4 apart, the scores spread 1.4e-3.
     assert alone.std() > 1e-3
     torch.testing.assert_close(batched, alone, rtol=0, atol=5e-4)
     # Offline before its first download: a note, no error, and no fidelity measure.
     monkeypatch.setattr(ImageReward, "load_score", lambda *a, **k: (_ for _ in ()).throw(OSError()))
-    assert dpok.aesthetic_score("cpu") == {}
+    assert rewards.fidelity("cpu") == {}
     assert "note: no aesthetic score (OSError)" in capsys.readouterr().err
 
 
-def test_imagereward_missing_offline_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("reward,model", [("imagereward", "ImageReward-v1.0"),
+                                          ("aesthetic", "the aesthetic predictor")])
+def test_downloaded_rewards_missing_offline_are_one_line_exit_2(reward, model, tmp_path, capsys,
+                                                                 monkeypatch):
     hub_offline(monkeypatch)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no cached ImageReward.pt
-    argv = ["--tiny", "--prompt", PROMPT, "--reward", "imagereward", "--out", str(tmp_path / "o")]
+    monkeypatch.setenv("HOME", str(tmp_path))  # nothing cached
+    argv = ["--tiny", "--prompt", PROMPT, "--reward", reward, "--out", str(tmp_path / "o")]
     assert dpok.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot load ImageReward-v1.0" in err[0] and "--tiny" in err[0], err
+    assert len(err) == 1 and f"--reward {reward}: cannot load {model}" in err[0] and "--tiny" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_every_reward_name_is_a_world_s_and_module_function_loads_a_user_s():
+    assert dpok.REWARDS == (*rewards.REWARDS, *shapes.REWARDS)
+    reward, measures = dpok.reward_and_measures("rewards:compressibility_reward", "cpu", [PROMPT])
+    assert reward is rewards.compressibility_reward and measures == {}
+
+
+@slow
+def test_a_reward_written_as_a_function_in_a_file_trains_and_a_wrong_shape_is_refused(tmp_path, capsys):
+    """--reward FILE.py:FUNCTION, without editing dpok.py: the user's function is the reward of
+    every sample (recomputed here for the first iteration's); one returning one number for the
+    batch is refused in one line, before any work."""
+    (tmp_path / "my_reward.py").write_text(
+        "def greenness(images, prompts):\n    return (images[:, 1] - images[:, 0]).mean((1, 2))\n\n\n"
+        "def overall(images, prompts):\n    return images.mean()\n")
+    argv = ["--tiny", "--prompt", PROMPT, "--steps", "4", "--samples-per-iter", "4", "--iterations", "2",
+            "--reward", f"{tmp_path}/my_reward.py:greenness"]
+    assert dpok.main([*argv, "--out", str(tmp_path / "run")]) == 0
+    rows = numbers(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 2 and "fidelity" not in rows[0]  # a user's reward has no measures
+    args = dpok.parse_args([*argv, "--out", "unused"])
+    run = dpok.setup(args, [PROMPT])
+    index = dpok.next_prompts(run, args.samples_per_iter)
+    _, images = dpok.rollout(run.pipe, run.cond, run.uncond, index, args, run.generator)
+    greenness = (images[:, 1] - images[:, 0]).mean((1, 2))
+    assert greenness.std() > 0.01 and rows[0]["reward_mean"] == pytest.approx(greenness.mean().item(), abs=1e-6)
+    capsys.readouterr()
+    argv[-1] = f"{tmp_path}/my_reward.py:overall"
+    assert dpok.main([*argv, "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dpok: error: --reward {argv[-1]}: returned shape () for 2 images; it must return one "
+        "score per image"]
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -807,6 +872,7 @@ def test_outputs_metrics_grids_and_loadable_lora(runs):
                 "grad_norm", "value_loss", "seconds", "clipfrac"):
         assert key in lines[0]
     assert (out / "samples_00000.png").exists() and (out / "samples_00074.png").exists()
+    assert (out / "best" / "pytorch_lora_weights.safetensors").is_file()
     # The saved LoRA reproduces the trained model (its checkpoint's weights in dpok's own UNet)
     # in a fresh pipeline through diffusers' loader, and that model is not the pretrained one.
     loaded = StableDiffusionPipeline.from_pretrained(shapes.TINY_DEFAULTS["model"], torch_dtype=torch.float32)
@@ -822,6 +888,26 @@ def test_outputs_metrics_grids_and_loadable_lora(runs):
         torch.testing.assert_close(eps, trained.unet(x, t, emb).sample, rtol=1e-5, atol=1e-6)
         with dpok.pretrained_model(trained.unet):
             assert (eps - trained.unet(x, t, emb).sample).abs().max() > 1e-4
+
+
+@slow
+def test_a_collapsing_run_says_so_once_and_keeps_its_best_lora(tmp_path, capsys):
+    """A learning rate 300 times the tiny default's wrecks the model within an update or two:
+    the reward falls from the pretrained model's to the analyser's floor. After its first 10
+    iterations the run says so, once, with what to try and where the LoRA of its best 10-iteration
+    mean reward is kept."""
+    out = tmp_path / "run"
+    assert dpok.main(["--tiny", "--prompt", PROMPT, "--steps", "4", "--samples-per-iter", "4",
+                      "--lr", "0.1", "--kl-beta", "0", "--iterations", "12", "--out", str(out)]) == 0
+    rows = numbers(out / "metrics.jsonl")
+    window = sum(r["reward_mean"] for r in rows[:10]) / 10
+    assert window < rows[0]["reward_mean"] - rows[0]["reward_std"], (window, rows[0])  # collapsed
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "collapsed" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("dpok: warning: the run looks collapsed at iteration 9: the mean "
+                                  "reward of 10 iterations fell to")
+    assert "try a larger --kl-beta or a smaller --lr" in warnings[0] and warnings[0].endswith(f"{out}/best")
+    assert (out / "best" / "pytorch_lora_weights.safetensors").is_file()
 
 
 @slow
@@ -898,7 +984,10 @@ BAD_INPUTS = [
     (["--eval", "--lora", ".", "--eval-samples", "1"], "--eval-samples must be at least 2"),
     (["--batch-size", "400"], "exceeds --buffer-size"),
     # names that do not exist
-    (["--reward", "aesthetic"], "argument --reward: invalid choice: 'aesthetic'"),
+    (["--reward", "aesthetic-v2"], "unknown --reward 'aesthetic-v2'"),
+    (["--reward", "no-such-file.py:score"], "--reward no-such-file.py:score: no file no-such-file.py"),
+    (["--reward", "rewards.py:no_such"], "--reward rewards.py:no_such: rewards.py has no function 'no_such'"),
+    (["--reward", "no_such_module:score"], "No module named 'no_such_module'"),
     (["--device", "tpu"], "unknown --device"),
     (["--device", "meta"], "unknown --device"),
     (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
@@ -931,6 +1020,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path
 OTHER_COMMANDS = {"results": results.main, "shapes": shapes.main, "benchmark": None}
 OTHER_BAD_INPUTS = [  # OUT: a folder that must stay unwritten
     ("results", ["OUT", "--jobs", "0"], "--jobs must be at least 1"),
+    ("results", ["OUT", "--quick-seeds", "0"], "--quick-seeds must be at least 1"),
     ("results", ["OUT", "--jobs", "two"], "argument --jobs: invalid int value: 'two'"),
     ("results", ["OUT", "--horizon", "0"], "--horizon must be at least 1"),
     ("results", ["OUT", "--eval-samples", "1"], "--eval-samples must be at least 2"),
@@ -1071,7 +1161,7 @@ def test_non_finite_reward_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_p
             calls.append(1)
             r = shapes.shapes_reward(images, prompts)
             return r * float("nan") if len(calls) == 5 else r
-        return reward
+        return reward, {}
 
     monkeypatch.setitem(shapes.REWARDS, "shapes", poisoned)
     out = tmp_path / "run"
@@ -1512,7 +1602,7 @@ def poisoned_rank(rank, port, out):
             calls.append(1)
             r = shapes.shapes_reward(images, prompts)
             return r * float("nan") if rank == 1 and len(calls) == 3 else r
-        return reward
+        return reward, {}
 
     shapes.REWARDS["shapes"] = poisoned
     sys.stderr = open(os.path.join(out, f"err{rank}"), "w")
