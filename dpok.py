@@ -681,8 +681,9 @@ def watch(history, run, args, window=10):
     if len(history) >= window:
         means = torch.tensor([m["reward_mean"] for m in history]).unfold(0, window, 1).mean(1)
         if means[-1] == means.max():
-            os.makedirs(os.path.join(args.out, "best"), exist_ok=True)
-            save_lora(run.pipe.unet, os.path.join(args.out, "best"))
+            with contextlib.suppress(OSError):  # a full disk: the next checkpoint stops the run
+                os.makedirs(os.path.join(args.out, "best"), exist_ok=True)
+                save_lora(run.pipe.unet, os.path.join(args.out, "best"))
         best, spread = max(means.max().item(), history[0]["reward_mean"]), history[0]["reward_std"]
         alike = max(m["reward_std"] for m in history[-window:]) < 0.01 * spread
         if spread > 0 and (alike or means[-1] < best - spread):  # one image: no spread to judge by

@@ -279,10 +279,12 @@ def results_tables(out, runs):
     return tables
 
 
-def collapsed(row):
-    """The quick start's failure, by the README's three signs: a gain below -0.3, fidelity below
-    0.85, or a reward spread near 0 (under 0.1) over the last 10 iterations' samples."""
-    return row["reward_gain"] < -0.3 or row["fidelity_finetuned"] < 0.85 or row["last_spread"] < 0.1
+def collapse_signs(row):
+    """Which of RESULTS.md's three signs of a collapse a run shows: a gain below -0.3, fidelity
+    below 0.85, a reward spread near 0 (under 0.1) over its last 10 iterations' samples."""
+    return [sign for sign, shown in (("gain", row["reward_gain"] < -0.3),
+                                     ("fidelity", row["fidelity_finetuned"] < 0.85),
+                                     ("spread", row["last_spread"] < 0.1)) if shown]
 
 
 def quick_start_table(evals):
@@ -296,47 +298,54 @@ def quick_start_table(evals):
     print("\nThe quick start, every seed (gain ± SE of the 64 pairs)\n\n| advantage | seed | alignment "
           "gain | exact | fidelity | KL bound | reward spread, last 10 iterations | collapsed |\n"
           "|---|---|---|---|---|---|---|---|")
+    pre = next(iter(groups.values()))[0]
+    print(f"| pretrained | | ({pre['reward_pretrained']:.3f}) | {pre['exact_pretrained']:.3f} | "
+          f"{pre['fidelity_pretrained']:.3f} | 0 | | |")
     for run, rows in groups.items():
         for r in rows:
             print(f"| {('centred (default)', 'official')[run != 'quick']} | {r['seed']} | "
                   f"{r['reward_gain']:+.2f} ± {r['reward_gain_se']:.2f} | {r['exact_finetuned']:.3f} | "
                   f"{r['fidelity_finetuned']:.3f} | {r['kl_bound']:,.0f} | {r['last_spread']:.3f} | "
-                  f"{'**yes**' if collapsed(r) else 'no'} |")
+                  + (f"**yes** ({', '.join(signs)}) |" if (signs := collapse_signs(r)) else "no |"))
     for run, rows in groups.items():
         gains = [r["reward_gain"] for r in rows]
         print(f"\n{run}: {len(rows)} seeds, median gain {statistics.median(gains):+.3f}, mean "
-              "{:+.3f} ± {:.3f}, ".format(*mean_std(gains)) + f"collapsed {sum(map(collapsed, rows))}")
+              "{:+.3f} ± {:.3f}, ".format(*mean_std(gains)) + f"collapsed {sum(map(bool, map(collapse_signs, rows)))}")
     return groups
 
 
-def collapse_figure(out, runs):
+def collapse_figure(out, runs, seed="2"):
     """What a collapse looks like from inside, per iteration: the official advantage's training
-    seed 2 (which collapses) against the same seed with the centred advantage, and the centred
-    quick start's other seeds in the background."""
+    seed 2, which collapses, against the same seed with the centred advantage (another seed that
+    has both, in a reduced Results), and the centred quick start's other seeds in the background."""
     from matplotlib.figure import Figure
 
     curves = {}
     for name in runs:
-        if name.startswith(("quick_s", "shapes_b0.01_s2")) and os.path.exists(
+        if name.startswith(("quick_s", "shapes_b0.01_s")) and os.path.exists(
                 path := os.path.join(out, name, "metrics.jsonl")):
             with open(path) as f:
                 curves[name] = [json.loads(line) for line in f]
-    if "shapes_b0.01_s2" not in curves or "quick_s2" not in curves:
+    both = [s for s in (seed, *sorted(n.rsplit("_s", 1)[1] for n in curves))
+            if f"quick_s{s}" in curves and f"shapes_b0.01_s{s}" in curves]
+    if not both:
         return
+    seed = both[0]
+    curves = {name: c for name, c in curves.items()
+              if name.startswith("quick") or name == f"shapes_b0.01_s{seed}"}
     keys = (("reward_mean", "reward\n(10-iteration mean)"), ("reward_std", "reward spread\nof the samples"),
             ("advantage", "mean advantage\nof the updates"), ("kl", "KL regulariser"),
             ("fidelity", "fidelity\n(clean pixels)"))
+    style = {f"shapes_b0.01_s{seed}": dict(color="C3", lw=2, label=f"seed {seed}, official r − V"),
+             f"quick_s{seed}": dict(color="C0", lw=2, label=f"seed {seed}, centred (default)")}
     figure = Figure(figsize=(7, 11))
     for ax, (key, label) in zip(figure.subplots(len(keys), 1, sharex=True), keys):
         for name, metrics in curves.items():
             y = torch.tensor([m.get(key) if m.get(key) is not None else float("nan") for m in metrics])
             if key == "reward_mean":
                 y = F.avg_pool1d(y[None, None], min(10, len(y)), 1)[0, 0]
-            x = torch.arange(len(y)) + len(metrics) - len(y)
-            style = dict(shapes_b0_01_s2=dict(color="C3", lw=2, label="seed 2, official advantage r − V"),
-                         quick_s2=dict(color="C0", lw=2, label="seed 2, centred (default)")).get(
-                name.replace(".", "_"), dict(color="C0", lw=0.6, alpha=0.3))
-            ax.plot(x, y, **style)
+            x = torch.arange(len(y)) + len(metrics) - len(y)  # a mean: at its window's last iteration
+            ax.plot(x, y, **style.get(name, dict(color="C0", lw=0.6, alpha=0.3)))
         ax.set(ylabel=label)
         ax.grid(alpha=0.3)
     figure.axes[0].legend()
