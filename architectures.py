@@ -3,6 +3,7 @@ tests and benchmark.py run the real `--model PATH` and reward code paths on, wit
 
 - `sd15_pipeline`: Stable Diffusion v1.5's exact architecture, tokenizer and scheduler config
   (tests on a CPU at a small latent size; speed and memory at 64x64 latents on a GPU).
+- `sd2_pipeline`: Stable Diffusion 2.1's (768 px, v prediction, OpenCLIP ViT-H text encoder).
 - `imagereward_model`, `aesthetic_model`: image-reward's ImageReward and aesthetic predictor with
   their real architectures (tests; benchmark.py's reward phase).
 - `clip_tokenizer`, `clip_text_model`, `sd_pipeline`: the pieces, also used by the shapes world.
@@ -15,10 +16,10 @@ import tempfile
 
 import torch
 
-def clip_tokenizer(merges, max_length):
+def clip_tokenizer(merges, max_length, **special):
     """A CLIPTokenizer over CLIP's byte-level BPE with the given merges (pairs of symbols).
     The vocabulary is built the way CLIP builds it: 256 bytes, the same as word ends, one token
-    per merge, then the two special tokens."""
+    per merge, then the two special tokens; `special`: other special tokens (SD 2's pad "!")."""
     from transformers import CLIPTokenizer
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
@@ -31,7 +32,7 @@ def clip_tokenizer(merges, max_length):
         with open(os.path.join(tmp, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         return CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
-                             model_max_length=max_length)
+                             model_max_length=max_length, **special)
 
 
 def clip_text_model(tokenizer, **sizes):
@@ -61,21 +62,14 @@ def sd15_pipeline(sample_size=64, seed=0):
     config SD ships (clip_sample false included: DDIM's default would clip). `sample_size` is
     the latent size: 64 is SD's 512 px, a smaller one makes a CPU run cheap.
     """
-    import clip
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    bpe = os.path.join(os.path.dirname(clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    with gzip.open(bpe, "rt", encoding="utf-8") as f:
-        merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
-    tokenizer = clip_tokenizer(merges, max_length=77)
+    tokenizer = clip_tokenizer(clip_merges(), max_length=77)
     # diffusers' UNet defaults are SD v1's (320/640/1280/1280, 2 layers, 8 heads) but for the
     # cross-attention width.
     unet = UNet2DConditionModel(sample_size=sample_size, cross_attention_dim=768)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        sample_size=sample_size * 8, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4)
+    vae = sd_vae(sample_size)
     text_encoder = clip_text_model(tokenizer, hidden_size=768, intermediate_size=3072,
                                    num_hidden_layers=12, num_attention_heads=12,
                                    projection_dim=768, hidden_act="quick_gelu")
@@ -83,6 +77,53 @@ def sd15_pipeline(sample_size=64, seed=0):
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, num_train_timesteps=1000))
     return sd_pipeline(text_encoder, tokenizer, unet, vae, scheduler)
+
+
+def sd2_pipeline(sample_size=96, seed=0):
+    """Stable Diffusion 2.1's exact architecture with random weights (no download).
+
+    The UNet of SD v1 with 5/10/20/20 heads of width 64, linear projections into and out of
+    attention, attention computed in float32 (upcast_attention) and cross-attention 1024 wide;
+    OpenCLIP ViT-H/14's text tower as transformers holds it (23 layers of width 1024, GELU, the
+    legacy end-of-text id 2: pooled at the largest token id) with CLIP's vocabulary and "!" as
+    padding; SD v1's VAE; the DDIM scheduler config it ships, v prediction. `sample_size` 96 is
+    its 768 px."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer(clip_merges(), max_length=77, pad_token="!")
+    unet = UNet2DConditionModel(sample_size=sample_size, cross_attention_dim=1024,
+                                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                                upcast_attention=True)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=77, hidden_size=1024, intermediate_size=4096,
+        num_hidden_layers=23, num_attention_heads=16, projection_dim=512, hidden_act="gelu",
+        bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    scheduler = DDIMScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, num_train_timesteps=1000,
+        prediction_type="v_prediction"))
+    return sd_pipeline(text_encoder, tokenizer, unet, sd_vae(sample_size), scheduler)
+
+
+def clip_merges():
+    """CLIP's BPE merges (OpenCLIP's are the same), shipped inside the `clip-anytorch` package."""
+    import clip
+
+    bpe = os.path.join(os.path.dirname(clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(bpe, "rt", encoding="utf-8") as f:
+        return [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
+
+
+def sd_vae(sample_size):
+    """SD v1's and 2's VAE: 128/256/512/512, two layers per block, 4 latent channels, 8x."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        sample_size=sample_size * 8, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4)
 
 
 def imagereward_model(folder, seed=0, device="cpu"):

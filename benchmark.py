@@ -4,9 +4,10 @@ measured in one run, never timed tests.
     python benchmark.py --out tiny.json                       # the shapes world, CPU
     python benchmark.py --sd15 --device cuda --out gpu.json   # SD v1.5's architecture, 512 px
     python benchmark.py --sd15 --latent-size 8 --out t.json   # the same table on CPU, tiny latents
+    python benchmark.py --sd2 --device cuda --out gpu2.json   # SD 2.1's (v prediction), 768 px
 
 `--sd15` saves architectures.sd15_pipeline (SD v1.5's exact architecture, random weights: speed and
-memory do not depend on their values) and loads it through dpok's own `--model PATH` path, with
+memory do not depend on their values; `--sd2`: architectures.sd2_pipeline, SD 2.1's) and loads it through dpok's own `--model PATH` path, with
 the official single-prompt settings: 10 images x 50 steps, guidance 7.5, value function on,
 beta 0.01, 5 policy updates of 12 micro-batches x 4 transitions (on the CPU, a smoke test of
 2 images x 5 steps and one policy update per iteration unless --images/--steps say otherwise).
@@ -194,7 +195,9 @@ class Parser(argparse.ArgumentParser):
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--sd15", action="store_true", help="SD v1.5's architecture (random weights)")
-    parser.add_argument("--latent-size", type=int, default=64, help="with --sd15 (64: 512 px)")
+    parser.add_argument("--sd2", action="store_true", help="SD 2.1's architecture (random weights)")
+    parser.add_argument("--latent-size", type=int, help="with --sd15 or --sd2 (default 64: 512 px; "
+                        "--sd2 96: 768 px)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 float16 on a GPU, float32 bfloat16 on the CPU")
@@ -210,6 +213,11 @@ def main(argv=None):
                         help="skip ImageReward and the aesthetic score (rewards: compressibility)")
     parser.add_argument("--out", help="write the tables as JSON to this file")
     options = parser.parse_args(argv)
+    if options.sd15 and options.sd2:
+        parser.error("give one of --sd15 and --sd2")
+    real = options.sd15 or options.sd2  # a Stable Diffusion architecture, not the shapes world
+    if options.latent_size is None:
+        options.latent_size = 96 if options.sd2 else 64
     for name in ("images", "steps", "repeats", "latent_size"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive whole number")
@@ -221,11 +229,11 @@ def main(argv=None):
     diffusers.utils.logging.disable_progress_bar()
     cuda = options.device.startswith("cuda")
     options.dtypes = options.dtypes or (["bfloat16", "float16"] if cuda else ["float32", "bfloat16"])
-    if options.sd15 and not cuda:  # a smoke test: SD's UNet takes seconds per sample on 2 CPU cores
+    if real and not cuda:  # a smoke test: SD's UNet takes seconds per sample on 2 CPU cores
         options.images, options.steps = options.images or 2, options.steps or 5
     with tempfile.TemporaryDirectory() as folder:
         model = os.path.join(folder, "sd15")
-        if options.sd15:
+        if real:
             model_args = ["--model", model, "--reward", "compressibility",
                           "--prompt", "A green colored rabbit"]
         else:
@@ -235,20 +243,23 @@ def main(argv=None):
         model_args += ["--steps", str(options.steps)] * bool(options.steps)
         model_args += ["--lr", str(options.lr)] * (options.lr is not None)
         model_args += ["--ratio-clip", str(options.ratio_clip)] * (options.ratio_clip is not None)
-        model_args += ["--policy-steps", "1"] * (options.sd15 and not cuda)  # CPU smoke test
+        model_args += ["--policy-steps", "1"] * (real and not cuda)  # CPU smoke test
         try:  # dpok.py's own checks (rates, device), before any work
             args = dpok.parse_args(model_args)
         except dpok.UsageError as e:
             parser.error(str(e))
-        if options.sd15:
-            architectures.sd15_pipeline(options.latent_size).to(dtype=torch.float16).save_pretrained(model)
-        images = torch.rand(args.samples_per_iter, 3, 512 if options.sd15 else 32,
-                            512 if options.sd15 else 32, generator=torch.Generator().manual_seed(0))
+        if real:
+            build = architectures.sd2_pipeline if options.sd2 else architectures.sd15_pipeline
+            build(options.latent_size).to(dtype=torch.float16).save_pretrained(model)
+        pixels = 768 if options.sd2 else 512 if options.sd15 else 32
+        images = torch.rand(args.samples_per_iter, 3, pixels, pixels,
+                            generator=torch.Generator().manual_seed(0))
         prompts = [args.prompt] * len(images)
         reward_rows, imagereward, aesthetic = reward_phases(options, folder, images.to(args.device), prompts)
-        scorers = (imagereward, dict(fidelity=aesthetic)) if options.sd15 else (None, None)
+        scorers = (imagereward, dict(fidelity=aesthetic)) if real else (None, None)
         print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, "
-              f"{'SD v1.5 architecture' if options.sd15 else 'shapes world'}, {args.samples_per_iter} "
+              f"{'SD 2.1 architecture' if options.sd2 else 'SD v1.5 architecture' if real else 'shapes world'}, "
+              f"{args.samples_per_iter} "
               f"images x {args.steps} steps; rewards on {len(images)} images:")
         for name, row in reward_rows.items():
             print(f"  {name:<56} {row['seconds']:9.3f}")
@@ -264,7 +275,8 @@ def main(argv=None):
                                         grad_accum=grad_accum, error="out of memory"))
                 show(results[-1])
     report = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                  world="sd15" if options.sd15 else "shapes", latent_size=options.latent_size,
+                  world="sd2" if options.sd2 else "sd15" if options.sd15 else "shapes",
+                  latent_size=options.latent_size,
                   images=args.samples_per_iter, steps=args.steps, repeats=options.repeats,
                   rewards=reward_rows, configurations=results)
     if options.out:

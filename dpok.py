@@ -45,11 +45,10 @@ class UsageError(Exception):
 
 
 def beside(module):
-    """rewards.py (every --reward) and shapes.py (the offline world): this repository's modules
-    beside dpok.py, imported only by the runs that use them."""
+    """A module of this repository beside dpok.py, imported only by the runs that use it:
+    rewards.py (every --reward), shapes.py and its architectures.py (the offline world, --tiny)."""
     if importlib.util.find_spec(module) is None:
-        raise UsageError({"shapes": "--tiny and offline rewards need shapes.py and architectures.py",
-                          "rewards": "--reward needs rewards.py"}[module] + " beside dpok.py")
+        raise UsageError(f"this run needs {module}.py beside dpok.py, as in the dpok repository")
     return importlib.import_module(module)
 
 
@@ -107,19 +106,18 @@ class Args:
 # ---- Models: Stable Diffusion (or the shapes world's tiny model) via diffusers, LoRA on the UNet
 def ddim_scheduler(config, steps):
     """The paper's sampler, DDIM, from a model's scheduler config (SD v1.5 ships PNDM's).
-    `ddim_step_logprob` is `DDIMScheduler.step` for epsilon prediction without clipping or
+    `ddim_step_logprob` is `DDIMScheduler.step` for epsilon or v prediction without clipping or
     thresholding; anything else would make every log-prob wrong: refused, or switched off."""
     scheduler = DDIMScheduler.from_config(config)
-    if scheduler.config.prediction_type != "epsilon":
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise UsageError(f"the model predicts {scheduler.config.prediction_type!r}; the DPOK "
-                         "sampler implements epsilon prediction only")
+                         "sampler implements epsilon and v prediction only")
     if steps > scheduler.config.num_train_timesteps:
         raise UsageError(f"--steps {steps} exceeds the model's "
                          f"{scheduler.config.num_train_timesteps} training timesteps")
     for name in ("clip_sample", "thresholding"):
         if scheduler.config[name]:
-            say(f"note: the DPOK sampler does not implement the model scheduler's {name}; "
-                "it samples without")
+            say(f"note: the DPOK sampler samples without the model scheduler's {name}")
     return DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
 
 
@@ -200,15 +198,24 @@ def ddim_step_logprob(scheduler, model_output, timestep, sample, eta, prev_sampl
     return prev_sample, (log_prob * stochastic).mean(dim=(1, 2, 3))
 
 
-def guided_eps(unet, latents, timesteps, cond, uncond, guidance):
+def implied_eps(scheduler, output, latents, timesteps):
+    """The noise eps a UNet output implies: the output under epsilon prediction; under v prediction
+    (SD 2.x; v = sqrt(a_t) eps - sqrt(1 - a_t) x_0) sqrt(a_t) v + sqrt(1 - a_t) x_t as in
+    DDIMScheduler.step, linear in v: guiding v is guiding eps. Steps, log-probs, KL: all in eps."""
+    if scheduler.config.prediction_type == "epsilon":
+        return output
+    a_t = scheduler.alphas_cumprod.to(output.device)[timesteps].view(-1, 1, 1, 1)
+    return a_t.sqrt() * output + (1 - a_t).sqrt() * latents.float()
+
+
+def guided_eps(unet, scheduler, latents, timesteps, cond, uncond, guidance):
     """Classifier-free guidance, eps_u + w (eps_c - eps_u), in one UNet call on [uncond; cond].
     Guidance is part of the policy: the log-prob is that of the guided step."""
     n = latents.shape[0]
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(n)
-    eps = unet(torch.cat([latents, latents]).to(cond.dtype), torch.cat([timesteps, timesteps]),
-               encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1), cond])).sample.float()
-    eps_uncond, eps_cond = eps.chunk(2)
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
+    out_uncond, out_cond = unet(latents.repeat(2, 1, 1, 1).to(cond.dtype), timesteps.repeat(2),
+                                torch.cat([uncond.expand(n, -1, -1), cond])).sample.float().chunk(2)
+    return implied_eps(scheduler, out_uncond + guidance * (out_cond - out_uncond), latents, timesteps)
 
 
 @contextlib.contextmanager
@@ -236,10 +243,10 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, kl_bound=False):
                     device=generator.device).to(pipe.device) * scheduler.init_noise_sigma
     latents, log_probs, kl = [x], [], []
     for t in scheduler.timesteps:
-        eps = guided_eps(unet, x, t, cond[prompt_index], uncond, args.guidance)
+        eps = guided_eps(unet, scheduler, x, t, cond[prompt_index], uncond, args.guidance)
         if kl_bound:  # KL_t of two Gaussians with one sigma_t, summed over latent dims
             with pretrained_model(unet):
-                eps_pre = guided_eps(unet, x, t, cond[prompt_index], uncond, args.guidance)
+                eps_pre = guided_eps(unet, scheduler, x, t, cond[prompt_index], uncond, args.guidance)
             weight = kl_step_weight(scheduler, t, args.eta).to(x.device)  # sigma_t = 0: not kept
             kl.append(weight * ((eps - eps_pre) ** 2).sum(dim=(1, 2, 3)))
         x, log_prob = ddim_step_logprob(scheduler, eps, t, x, args.eta, generator=generator)
@@ -265,9 +272,8 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, kl_bound=False):
 def reward_and_measures(spec, device, prompts):
     """The reward --reward names, fn(images (B, 3, H, W) in [0, 1], B prompts) -> B scores, and
     the held-out measures {name: fn} scored beside it, never trained on (rewards.py finds them)."""
-    rewards = beside("rewards")
     try:
-        return rewards.load(spec, device, prompts)
+        return beside("rewards").load(spec, device, prompts)
     except Exception as e:  # no such file, module or function; a wrong shape; offline
         raise UsageError(f"--reward {spec}: {(str(e) or type(e).__name__).splitlines()[0][:200]}")
 
@@ -317,10 +323,9 @@ def policy_loss(unet, scheduler, batch, cond, uncond, args):
     Transitions marked `on_policy` were sampled by the very weights scored now: their p_old is
     this pass's own log-prob, detached, so their ratio is exactly 1 in any dtype, device and
     batch shape, and their gradient is the on-policy one (deviation 6)."""
-    text = cond[batch["prompt_index"]]
-    eps = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond, args.guidance)
-    _, log_prob = ddim_step_logprob(scheduler, eps, batch["timesteps"],
-                                    batch["latents"], args.eta, prev_sample=batch["next_latents"])
+    text, x_t, t = cond[batch["prompt_index"]], batch["latents"], batch["timesteps"]
+    eps = guided_eps(unet, scheduler, x_t, t, text, uncond, args.guidance)
+    _, log_prob = ddim_step_logprob(scheduler, eps, t, x_t, args.eta, prev_sample=batch["next_latents"])
     on_policy = batch["on_policy"]
     ratio = torch.exp(log_prob - torch.where(on_policy, log_prob.detach(), batch["log_prob"]))
     clipped = ratio.clamp(1 - args.ratio_clip, 1 + args.ratio_clip)
@@ -331,7 +336,7 @@ def policy_loss(unet, scheduler, batch, cond, uncond, args):
                  max_rescore_gap=gap.max().item(), advantage=batch["advantage"].mean().item())
     if args.kl_beta > 0:  # no second UNet pass when the estimator does not need it
         with pretrained_model(unet), torch.no_grad():
-            eps_pre = guided_eps(unet, batch["latents"], batch["timesteps"], text, uncond, args.guidance)
+            eps_pre = guided_eps(unet, scheduler, x_t, t, text, uncond, args.guidance)
         kl = kl_regulariser(eps, eps_pre)
         loss = loss + args.kl_beta * kl
         stats["kl"] = kl.mean().item()
@@ -386,6 +391,7 @@ def all_gather(tensor):
 # ---- One DPOK iteration (the paper's Algorithm 1; README "The official code").
 def setup(args, prompts):
     """What a training run holds: the models and their optimizers, the buffer, the RNG state."""
+    reward_fn, measures = reward_and_measures(args.reward, args.device, prompts)  # bad input first
     torch.manual_seed(args.seed)  # LoRA and value-function initialisation
     pipe = load_pipeline(args)
     params = add_lora(pipe.unet, args.lora_rank)  # the trainable weights
@@ -393,7 +399,6 @@ def setup(args, prompts):
     latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
     value_fn = None if args.no_value or args.supervised else ValueFunction(
         latent_dim, text_features.shape[-1], args.steps).to(args.device)
-    reward_fn, measures = reward_and_measures(args.reward, args.device, prompts)
     return SimpleNamespace(
         pipe=pipe, prompts=prompts, cond=cond, uncond=uncond, text_features=text_features,
         reward_fn=reward_fn, measures=measures,
@@ -542,19 +547,19 @@ def collect_supervised_data(run, args):
 def supervised_loss(unet, scheduler, batch, cond, args, generator):
     """alpha * w(r) * ||n - eps_theta(x_t, t, z)||^2 + beta * ||eps_theta - eps_pre||^2 on
     x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n with t uniform, n ~ N(0, I) (paper Sec. 4.2).
-    Conditional noise predictions (no guidance, deviation 9), as in diffusion fine-tuning."""
+    Conditional eps predictions (implied_eps; no guidance, deviation 9), as in fine-tuning."""
     x0, text = batch["latents"], cond[batch["prompt_index"]]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-    x_t = scheduler.add_noise(x0, noise, t.to(x0.device))
-    eps = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample.float()
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+    x_t = scheduler.add_noise(x0, noise, t)
+    eps = implied_eps(scheduler, unet(x_t.to(text.dtype), t, text).sample.float(), x_t, t)
     denoise = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
     loss = args.reward_alpha * batch["reward"] * denoise
     stats = dict(denoise=denoise.mean().item())
     if args.kl_beta > 0:
         with pretrained_model(unet), torch.no_grad():
-            eps_pre = unet(x_t.to(text.dtype), t.to(x0.device), encoder_hidden_states=text).sample
-        kl = kl_regulariser(eps, eps_pre.float())
+            eps_pre = implied_eps(scheduler, unet(x_t.to(text.dtype), t, text).sample.float(), x_t, t)
+        kl = kl_regulariser(eps, eps_pre)
         loss = loss + args.kl_beta * kl
         stats["kl"] = kl.mean().item()
     return loss.mean(), dict(stats, loss=loss.mean().item())
@@ -802,8 +807,8 @@ def plot_curves(history, path, keys):
 def evaluate(args):
     prompts = read_prompts(args)
     check_writable(args.out)  # eval.json and eval.png may go beside the run they evaluate
-    pipe = load_pipeline(args)
     reward_fn, measures = reward_and_measures(args.reward, args.device, prompts)
+    pipe = load_pipeline(args)
     scorers = dict(reward=reward_fn, **measures)
     try:
         pipe.load_lora_weights(args.lora)
@@ -949,20 +954,15 @@ def check_args(args, given):
 
 
 def read_prompts(args):
+    if args.prompt is not None:
+        return [args.prompt.strip()]
     try:
-        if args.prompt is not None:
-            prompts = [args.prompt.strip()]
-        else:
-            with open(args.prompts, encoding="utf-8") as f:
-                prompts = [line.strip() for line in f if line.strip()]
-        if args.reward in ("shapes", "shapes-learned"):  # a prompt that is no shapes caption: bad input
-            [beside("shapes").parse_caption(p) for p in prompts]
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError:
         raise UsageError(f"prompts file is not UTF-8 text: {args.prompts}")
     except OSError as e:  # missing, a folder, unreadable
         raise UsageError(f"cannot read prompts file {args.prompts}: {e.strerror}")
-    except ValueError as e:
-        raise UsageError(str(e))
     if not prompts:
         raise UsageError(f"prompts file has no prompts: {args.prompts}")
     return prompts

@@ -59,7 +59,7 @@ def parse_caption(prompt):
     words = prompt.lower().strip(" .!").split()
     if (len(words) != 3 or words[0] not in NUMBERS or words[1] not in PALETTE
             or words[2].removesuffix("s") not in SHAPES):
-        raise ValueError(f"--reward shapes needs captions like 'two red circles' (one|two|three, "
+        raise ValueError(f"the shapes world reads captions like 'two red circles' (one|two|three, "
                          f"{'|'.join(PALETTE)}, {'|'.join(SHAPES)}); got {prompt!r}")
     return NUMBERS[words[0]], words[1], words[2].removesuffix("s")
 
