@@ -86,7 +86,7 @@ def rescore(run, args, transitions, batch_size):
     log_probs = []
     for start in range(0, len(transitions["log_prob"]), batch_size):
         micro = {k: v[start:start + batch_size] for k, v in transitions.items()}
-        eps = dpok.guided_eps(run.pipe.unet, micro["latents"], micro["timesteps"],
+        eps = dpok.guided_eps(run.pipe.unet, run.pipe.scheduler, micro["latents"], micro["timesteps"],
                               run.cond[micro["prompt_index"]], run.uncond, args.guidance)
         log_probs.append(dpok.ddim_step_logprob(run.pipe.scheduler, eps, micro["timesteps"],
                                                 micro["latents"], args.eta, micro["next_latents"])[1])

@@ -73,6 +73,9 @@ def results_runs(seeds, horizon=300, out=None, quick_seeds=range(10)):
     runs, half = {}, max(1, horizon // 2)
     for seed in map(str, quick_seeds):  # the quick start's command, its defaults alone
         runs[f"quick_s{seed}"] = dict(reward="shapes", flags=["--seed", seed], evals=[half])
+    for seed in map(str, quick_seeds):  # the same at the --tiny default before it (beta 0.01)
+        runs[f"quick_b0.01_s{seed}"] = dict(reward="shapes", flags=["--kl-beta", "0.01", "--seed", seed],
+                                            evals=[half])
     for seed in map(str, seeds):  # over-optimisation: the learned reward, evaluated along training
         for beta in BETAS:
             runs[f"learned_b{beta}_s{seed}"] = dict(
@@ -287,15 +290,19 @@ def collapse_signs(row):
                                      ("spread", row["last_spread"] < 0.1)) if shown]
 
 
+QUICK = {"quick": "default: centred, β 0.03", "quick_b0.01": "centred, β 0.01",
+         "shapes_b0.01": "official r − V, β 0.01"}  # the quick start's recipes, by run
+
+
 def quick_start_table(evals):
-    """Every seed of the quick start's command (the centred advantage, `quick`) and of its runs
-    with the official advantage (`shapes_b0.01`), each in a row; then each one's median gain and
-    collapses."""
-    groups = {run: sorted(rows, key=lambda r: int(r["seed"])) for (run, _), rows in evals.items()
-              if run in ("quick", "shapes_b0.01")}
+    """Every seed of the quick start's command (its defaults, `quick`), of the same at the
+    previous default beta 0.01 (`quick_b0.01`) and with the official advantage (`shapes_b0.01`),
+    each in a row; then each one's median gain and collapses."""
+    groups = {run: sorted(rows, key=lambda r: int(r["seed"])) for run in QUICK
+              for (name, _), rows in evals.items() if name == run}
     if not groups:
         return {}
-    print("\nThe quick start, every seed (gain ± SE of the 64 pairs)\n\n| advantage | seed | alignment "
+    print("\nThe quick start, every seed (gain ± SE of the 64 pairs)\n\n| recipe | seed | alignment "
           "gain | exact | fidelity | KL bound | reward spread, last 10 iterations | collapsed |\n"
           "|---|---|---|---|---|---|---|---|")
     pre = next(iter(groups.values()))[0]
@@ -303,7 +310,7 @@ def quick_start_table(evals):
           f"{pre['fidelity_pretrained']:.3f} | 0 | | |")
     for run, rows in groups.items():
         for r in rows:
-            print(f"| {('centred (default)', 'official')[run != 'quick']} | {r['seed']} | "
+            print(f"| {QUICK[run]} | {r['seed']} | "
                   f"{r['reward_gain']:+.2f} ± {r['reward_gain_se']:.2f} | {r['exact_finetuned']:.3f} | "
                   f"{r['fidelity_finetuned']:.3f} | {r['kl_bound']:,.0f} | {r['last_spread']:.3f} | "
                   + (f"**yes** ({', '.join(signs)}) |" if (signs := collapse_signs(r)) else "no |"))
@@ -314,30 +321,33 @@ def quick_start_table(evals):
     return groups
 
 
-def collapse_figure(out, runs, seed="2"):
+def collapse_figure(out, runs, seed="2", drift="8"):
     """What a collapse looks like from inside, per iteration: the official advantage's training
     seed 2, which collapses, against the same seed with the centred advantage (another seed that
-    has both, in a reduced Results), and the centred quick start's other seeds in the background."""
+    has both, in a reduced Results); seed 8, which drifts at beta 0.01 centred, against the same
+    seed at the default beta 0.03; the default's other seeds in the background."""
     from matplotlib.figure import Figure
 
     curves = {}
     for name in runs:
-        if name.startswith(("quick_s", "shapes_b0.01_s")) and os.path.exists(
+        if name.startswith(("quick_", "shapes_b0.01_s")) and os.path.exists(
                 path := os.path.join(out, name, "metrics.jsonl")):
             with open(path) as f:
                 curves[name] = [json.loads(line) for line in f]
     both = [s for s in (seed, *sorted(n.rsplit("_s", 1)[1] for n in curves))
-            if f"quick_s{s}" in curves and f"shapes_b0.01_s{s}" in curves]
+            if f"quick_b0.01_s{s}" in curves and f"shapes_b0.01_s{s}" in curves]
     if not both:
         return
     seed = both[0]
-    curves = {name: c for name, c in curves.items()
-              if name.startswith("quick") or name == f"shapes_b0.01_s{seed}"}
+    curves = {name: c for name, c in curves.items() if name.startswith("quick_s") or name in (
+        f"shapes_b0.01_s{seed}", f"quick_b0.01_s{seed}", f"quick_b0.01_s{drift}")}
     keys = (("reward_mean", "reward\n(10-iteration mean)"), ("reward_std", "reward spread\nof the samples"),
             ("advantage", "mean advantage\nof the updates"), ("kl", "KL regulariser"),
             ("fidelity", "fidelity\n(clean pixels)"))
-    style = {f"shapes_b0.01_s{seed}": dict(color="C3", lw=2, label=f"seed {seed}, official r − V"),
-             f"quick_s{seed}": dict(color="C0", lw=2, label=f"seed {seed}, centred (default)")}
+    style = {f"shapes_b0.01_s{seed}": dict(color="C3", lw=2, label=f"seed {seed}, official r − V, β 0.01"),
+             f"quick_b0.01_s{seed}": dict(color="C0", lw=2, label=f"seed {seed}, centred, β 0.01"),
+             f"quick_b0.01_s{drift}": dict(color="C1", lw=2, label=f"seed {drift}, centred, β 0.01"),
+             f"quick_s{drift}": dict(color="C2", lw=2, label=f"seed {drift}, centred, β 0.03 (default)")}
     figure = Figure(figsize=(7, 11))
     for ax, (key, label) in zip(figure.subplots(len(keys), 1, sharex=True), keys):
         for name, metrics in curves.items():
@@ -345,7 +355,7 @@ def collapse_figure(out, runs, seed="2"):
             if key == "reward_mean":
                 y = F.avg_pool1d(y[None, None], min(10, len(y)), 1)[0, 0]
             x = torch.arange(len(y)) + len(metrics) - len(y)  # a mean: at its window's last iteration
-            ax.plot(x, y, **style.get(name, dict(color="C0", lw=0.6, alpha=0.3)))
+            ax.plot(x, y, **style.get(name, dict(color="C2", lw=0.6, alpha=0.3)))
         ax.set(ylabel=label)
         ax.grid(alpha=0.3)
     figure.axes[0].legend()
