@@ -1524,10 +1524,18 @@ def test_sd15_architecture_trains_and_evaluates_through_the_model_path(sd15, dty
 @slow
 def test_sd2_architecture_with_v_prediction_trains_and_evaluates_through_the_model_path(tmp_path, capsys):
     """SD 2.1's architecture (v prediction, OpenCLIP ViT-H text encoder, 1024 wide) through
-    --model: the first update's ratio is exactly 1, the LoRA trains, loads back into diffusers'
+    --model: its prompt encoding (padded with "!") is the pipeline's own and pools at the end of
+    text; the first update's ratio is exactly 1, the LoRA trains, loads back into diffusers'
     pipeline, and the run evaluates."""
     model, out = tmp_path / "model", tmp_path / "run"
-    architectures.sd2_pipeline(sample_size=8).to(dtype=torch.float16).save_pretrained(model)
+    pipe = architectures.sd2_pipeline(sample_size=8)
+    cond, uncond, pooled = dpok.encode_prompts(pipe, [SD15[1]])
+    ref_cond, ref_uncond = pipe.encode_prompt(SD15[1], "cpu", 1, True, negative_prompt="")
+    assert torch.equal(cond, ref_cond) and torch.equal(uncond, ref_uncond)
+    ids = pipe.tokenizer(SD15[1], padding="max_length", return_tensors="pt").input_ids[0]
+    end = (ids == pipe.tokenizer.eos_token_id).nonzero()[0, 0]  # then "!" (id 0) to the end
+    assert ids[end + 1:].eq(0).all() and torch.equal(pooled[0], cond[0, end])
+    pipe.to(dtype=torch.float16).save_pretrained(model)
     argv = [*SD15, "--model", str(model), "--iterations", "1", "--policy-steps", "1", "--grad-accum",
             "1", "--batch-size", "4", "--buffer-size", "12", "--value-batch-size", "6", "--lr", "1e-3",
             "--out", str(out)]
