@@ -183,6 +183,13 @@ def analyse(images, prompts):
     return scores
 
 
+def exact_rate(images, prompts):
+    """A gold measure a person would agree with: 1 for an image whose colour, count and every
+    shape are right (the analyser's exact), else 0. Four squares asked for three is wrong here,
+    where the judge's graded count gives it half the count credit."""
+    return torch.tensor([s["exact"] for s in analyse(images, prompts)])
+
+
 # Alignment's mean and standard deviation over the shipped model's own samples (DDIM 20 steps,
 # guidance 4, 32 seeds of each of the 36 captions): fixed constants, so that the reward is
 # standardised the way ImageReward's is, not per batch.
@@ -422,10 +429,11 @@ def learned_reward(device="cpu", folder=TINY_DEFAULTS["model"]):
 
 # dpok.py's offline rewards, {--reward: fn(device) -> (reward, held-out measures)}, the measures
 # never trained on: the clean fraction (fidelity) and, beside the learned reward, the analyser
-# as the judge. Rewards take images (B, 3, H, W) in [0, 1] and B prompts.
+# as the judge and its exact rate as the gold measure. Rewards take images (B, 3, H, W) in
+# [0, 1] and B prompts.
 REWARDS = {"shapes": lambda device: (shapes_reward, dict(fidelity=clean_fraction)),
-           "shapes-learned": lambda device: (learned_reward(device),
-                                             dict(judge=shapes_reward, fidelity=clean_fraction))}
+           "shapes-learned": lambda device: (learned_reward(device), dict(
+               judge=shapes_reward, exact=exact_rate, fidelity=clean_fraction))}
 
 
 def main(argv=None):

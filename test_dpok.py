@@ -630,6 +630,18 @@ def test_count_is_graded_from_merged_to_nearly_separated_to_separate():
     assert count(separate) == 1.0 and count(necked) == 0.75 and count(merged) == 0.5
 
 
+def test_exact_rate_counts_a_wrong_count_as_wrong_where_the_judge_gives_half_credit():
+    """Four clean squares asked for three: exact 0, the analyser's count score 0.5."""
+    four = torch.zeros(1, 3, 32, 32)
+    for top, left in ((3, 3), (3, 20), (20, 3), (20, 20)):
+        four[0, 1, top:top + 8, left:left + 8] = 1.0  # green, 9 pixels apart
+    three = four.clone()
+    three[0, 1, 20:, 20:] = 0.0
+    assert shapes.exact_rate(three, [PROMPT]).item() == 1.0
+    assert shapes.exact_rate(four, [PROMPT]).item() == 0.0
+    assert shapes.analyse(four, [PROMPT])[0]["count"] == 0.5
+
+
 def test_specks_wrong_colours_and_empty_images_do_not_pass_as_shapes():
     image = squares(10)
     image[0, 1, 20:22, 2:4] = image[0, 1, 25:27, 20:22] = 1.0  # green specks of 4 pixels
@@ -688,17 +700,17 @@ def test_learned_reward_training_writes_weights_log_and_constants(tmp_path):
 
 
 @slow
-def test_learned_reward_run_reports_the_analyser_as_judge(tmp_path, capsys):
+def test_learned_reward_run_reports_the_analyser_as_judge_and_its_exact_rate(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert dpok.main(["--tiny", "--prompt", PROMPT, "--reward", "shapes-learned", *FAST,
                       "--iterations", "2", "--out", out]) == 0
     metrics = numbers(tmp_path / "run" / "metrics.jsonl")
-    assert all(set(m) >= {"reward_mean", "judge", "fidelity"} for m in metrics)
+    assert all(set(m) >= {"reward_mean", "judge", "exact", "fidelity"} for m in metrics)
     assert os.path.exists(os.path.join(out, "reward_curve.png"))
     assert dpok.main(["--tiny", "--prompt", PROMPT, "--reward", "shapes-learned", "--eval",
                       "--lora", out, "--eval-samples", "4", "--out", out]) == 0
     result = json.load(open(os.path.join(out, "eval.json")))["results"][0]
-    for name in ("reward", "judge", "fidelity"):
+    for name in ("reward", "judge", "exact", "fidelity"):
         assert {f"{name}_pretrained", f"{name}_finetuned", f"{name}_gain", f"{name}_gain_se"} <= set(result)
     assert "judge " in capsys.readouterr().out
     # the pretrained model's eval samples (seed 0), scored here by each scorer directly
@@ -708,7 +720,7 @@ def test_learned_reward_run_reports_the_analyser_as_judge(tmp_path, capsys):
     _, images = dpok.rollout(pipe, cond, uncond, torch.zeros(4, dtype=torch.long), args,
                              torch.Generator().manual_seed(0))
     for name, fn in (("reward", shapes.learned_reward()), ("judge", shapes.shapes_reward),
-                     ("fidelity", shapes.clean_fraction)):
+                     ("exact", shapes.exact_rate), ("fidelity", shapes.clean_fraction)):
         assert result[f"{name}_pretrained"] == pytest.approx(fn(images, [PROMPT] * 4).mean().item(), abs=1e-5)
 
 
