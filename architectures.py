@@ -4,6 +4,8 @@ tests and benchmark.py run the real `--model PATH` and reward code paths on, wit
 - `sd15_pipeline`: Stable Diffusion v1.5's exact architecture, tokenizer and scheduler config
   (tests on a CPU at a small latent size; speed and memory at 64x64 latents on a GPU).
 - `sd2_pipeline`: Stable Diffusion 2.1's (768 px, v prediction, OpenCLIP ViT-H text encoder).
+- `sdxl_pipeline`: SDXL base 1.0's structure and conditioning (two text encoders, pooled text and
+  size ids added to the time embedding) at reduced width and depth, or full size.
 - `imagereward_model`, `aesthetic_model`: image-reward's ImageReward and aesthetic predictor with
   their real architectures (tests; benchmark.py's reward phase).
 - `clip_tokenizer`, `clip_text_model`, `sd_pipeline`: the pieces, also used by the shapes world.
@@ -107,6 +109,48 @@ def sd2_pipeline(sample_size=96, seed=0):
     return sd_pipeline(text_encoder, tokenizer, unet, sd_vae(sample_size), scheduler)
 
 
+def sdxl_pipeline(sample_size=16, seed=0, full=False):
+    """SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0) with random weights (no download).
+
+    Always its conditioning, at full width: token states 2048 wide (CLIP ViT-L/14's 768, the
+    penultimate layer, beside OpenCLIP ViT-bigG/14's 1280), the pooled, projected bigG embedding
+    (1280) and six size ids (256 each) added to the time embedding ("text_time", 2816 in), and
+    both tokenizers (the second pads with "!"); its UNet's structure (three levels: no attention,
+    then 2 and 10 transformer layers per block, linear projections, heads of width 64), SD's VAE
+    (SDXL's scaling factor) and the Euler scheduler config it ships. full=True: every width and
+    depth as shipped (UNet 2.6 G weights, text towers 12 and 32 layers); otherwise the UNet is
+    64/128/256 wide (heads 1/2/4) and each text tower 2 layers deep, for a CPU test."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    widths, heads = ((320, 640, 1280), (5, 10, 20)) if full else ((64, 128, 256), (1, 2, 4))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, block_out_channels=widths, attention_head_dim=heads,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=6 * 256 + 1280)
+    merges = clip_merges()
+    tokenizers = clip_tokenizer(merges, max_length=77), clip_tokenizer(merges, max_length=77, pad_token="!")
+    text_encoder = clip_text_model(tokenizers[0], hidden_size=768, intermediate_size=3072,
+                                   num_hidden_layers=12 if full else 2, num_attention_heads=12,
+                                   projection_dim=768, hidden_act="quick_gelu")
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=77, hidden_size=1280, intermediate_size=5120,
+        num_hidden_layers=32 if full else 2, num_attention_heads=20, projection_dim=1280,
+        hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1))  # as SD 2.1's tower
+    scheduler = EulerDiscreteScheduler.from_config(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, num_train_timesteps=1000,
+        timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear"))
+    return StableDiffusionXLPipeline(
+        vae=sd_vae(sample_size, scaling_factor=0.13025), text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+        scheduler=scheduler, add_watermarker=False)
+
+
 def clip_merges():
     """CLIP's BPE merges (OpenCLIP's are the same), shipped inside the `clip-anytorch` package."""
     import clip
@@ -116,14 +160,14 @@ def clip_merges():
         return [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
 
 
-def sd_vae(sample_size):
-    """SD v1's and 2's VAE: 128/256/512/512, two layers per block, 4 latent channels, 8x."""
+def sd_vae(sample_size, scaling_factor=0.18215):
+    """SD v1's, 2's and SDXL's VAE: 128/256/512/512, two layers per block, 4 latent channels, 8x."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
         sample_size=sample_size * 8, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4)
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=scaling_factor)
 
 
 def imagereward_model(folder, seed=0, device="cpu"):

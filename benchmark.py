@@ -5,9 +5,11 @@ measured in one run, never timed tests.
     python benchmark.py --sd15 --device cuda --out gpu.json   # SD v1.5's architecture, 512 px
     python benchmark.py --sd15 --latent-size 8 --out t.json   # the same table on CPU, tiny latents
     python benchmark.py --sd2 --device cuda --out gpu2.json   # SD 2.1's (v prediction), 768 px
+    python benchmark.py --sdxl --device cuda --out xl.json    # SDXL base's, full size, 1024 px
 
 `--sd15` saves architectures.sd15_pipeline (SD v1.5's exact architecture, random weights: speed and
-memory do not depend on their values; `--sd2`: architectures.sd2_pipeline, SD 2.1's) and loads it through dpok's own `--model PATH` path, with
+memory do not depend on their values; `--sd2`, `--sdxl`: SD 2.1's and SDXL's, the latter full
+size) and loads it through dpok's own `--model PATH` path, with
 the official single-prompt settings: 10 images x 50 steps, guidance 7.5, value function on,
 beta 0.01, 5 policy updates of 12 micro-batches x 4 transitions (on the CPU, a smoke test of
 2 images x 5 steps and one policy update per iteration unless --images/--steps say otherwise).
@@ -87,7 +89,7 @@ def rescore(run, args, transitions, batch_size):
     for start in range(0, len(transitions["log_prob"]), batch_size):
         micro = {k: v[start:start + batch_size] for k, v in transitions.items()}
         eps = dpok.guided_eps(run.pipe.unet, run.pipe.scheduler, micro["latents"], micro["timesteps"],
-                              run.cond[micro["prompt_index"]], run.uncond, args.guidance)
+                              run.text, micro["prompt_index"], args.guidance)
         log_probs.append(dpok.ddim_step_logprob(run.pipe.scheduler, eps, micro["timesteps"],
                                                 micro["latents"], args.eta, micro["next_latents"])[1])
     return torch.cat(log_probs)
@@ -100,7 +102,7 @@ def rounding_and_update(run, args, batch_size, grad_accum):
     update's effect: one policy update at --lr, and the same transitions re-scored at the same
     shape: how far a real step moves the ratio, against the gap and the clip."""
     index = torch.zeros(args.samples_per_iter, dtype=torch.long, device=args.device)
-    transitions, images = dpok.rollout(run.pipe, run.cond, run.uncond, index, args,
+    transitions, images = dpok.rollout(run.pipe, run.text, index, args,
                                        torch.Generator().manual_seed(1))
     before = rescore(run, args, transitions, batch_size)
     scores = dpok.score(run, images, index, measured=False)[0]
@@ -109,8 +111,8 @@ def rounding_and_update(run, args, batch_size, grad_accum):
     batch["advantage"] = batch["reward"] - batch["reward"].mean()
     batch = {k: v[torch.randperm(n, generator=torch.Generator().manual_seed(2))[:batch_size * grad_accum]]
              for k, v in batch.items()}
-    dpok.update(run, batch, lambda micro: dpok.policy_loss(run.pipe.unet, run.pipe.scheduler, micro, run.cond,
-                                                           run.uncond, args), args)
+    dpok.update(run, batch, lambda micro: dpok.policy_loss(run.pipe.unet, run.pipe.scheduler, micro,
+                                                           run.text, args), args)
     effect = (rescore(run, args, transitions, batch_size) - before).exp().sub(1).abs()
     gap = (before - transitions["log_prob"]).exp().sub(1).abs()
     return dict(transitions=n, max_rescore_gap=gap.max().item(),
@@ -131,7 +133,7 @@ def configuration(options, model_args, dtype, batch_size, grad_accum, scorers):
         run.reward_fn, run.measures = scorers
     n, rows = args.samples_per_iter, {}
     index = torch.zeros(n, dtype=torch.long, device=args.device)
-    sample = lambda: dpok.rollout(run.pipe, run.cond, run.uncond, index, args,
+    sample = lambda: dpok.rollout(run.pipe, run.text, index, args,
                                   torch.Generator().manual_seed(0))
     pipeline_call = lambda: run.pipe(args.prompt, num_images_per_prompt=n,
                                      num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -147,8 +149,8 @@ def configuration(options, model_args, dtype, batch_size, grad_accum, scorers):
     batch["advantage"] = batch["reward"]
     for beta, name in ((0.0, "policy update, no KL term"), (args.kl_beta, "policy update, with KL term")):
         beta_args = dataclasses.replace(args, kl_beta=beta)
-        loss_fn = lambda micro: dpok.policy_loss(run.pipe.unet, run.pipe.scheduler, micro, run.cond,
-                                                 run.uncond, beta_args)
+        loss_fn = lambda micro: dpok.policy_loss(run.pipe.unet, run.pipe.scheduler, micro, run.text,
+                                                 beta_args)
         rows[name] = measure(lambda: dpok.update(run, batch, loss_fn, beta_args), repeats, cuda)
     # warmed up by the iteration that filled the buffer
     rows["whole iteration"] = measure(lambda: dpok.dpok_iteration(run, args), repeats, cuda, False)
@@ -187,6 +189,12 @@ def show(result):
           f"{r['update_effect_max']:.1e} (max), {r['update_beyond_clip']:.0%} beyond the clip")
 
 
+# The Stable Diffusion architectures, by flag: (builder, default latent size, name)
+FAMILIES = {"sd15": (architectures.sd15_pipeline, 64, "SD v1.5"),
+            "sd2": (architectures.sd2_pipeline, 96, "SD 2.1"),
+            "sdxl": (lambda size: architectures.sdxl_pipeline(size, full=True), 128, "SDXL base")}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like dpok.py's bad input
         sys.exit(print(f"benchmark.py: error: {message}", file=sys.stderr) or 2)
@@ -194,30 +202,33 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sd15", action="store_true", help="SD v1.5's architecture (random weights)")
-    parser.add_argument("--sd2", action="store_true", help="SD 2.1's architecture (random weights)")
-    parser.add_argument("--latent-size", type=int, help="with --sd15 or --sd2 (default 64: 512 px; "
-                        "--sd2 96: 768 px)")
+    for flag, (_, size, name) in FAMILIES.items():
+        parser.add_argument(f"--{flag}", action="store_true",
+                            help=f"{name}'s architecture, random weights ({size * 8} px)")
+    parser.add_argument("--latent-size", type=int, help="with an architecture (default: its own, "
+                        "64 for SD v1.5's 512 px)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 float16 on a GPU, float32 bfloat16 on the CPU")
     parser.add_argument("--images", type=int, help="images per iteration (default: the world's; "
-                        "--sd15 on the CPU: 2)")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: the world's; --sd15 on the "
+                        "an architecture on the CPU: 2)")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the world's; an architecture on the "
                         "CPU: 5)")
     parser.add_argument("--lr", type=float, help="learning rate of the update whose effect on the ratio is "
-                        "measured (default: the world's; 1e-5 with --sd15, the official)")
-    parser.add_argument("--ratio-clip", type=float, help="(default: the world's; 1e-4 with --sd15, the official)")
+                        "measured (default: the world's; 1e-5 with an architecture, the official)")
+    parser.add_argument("--ratio-clip", type=float,
+                        help="(default: the world's; 1e-4 with an architecture, the official)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per phase after a warm-up")
     parser.add_argument("--no-imagereward", action="store_true",
                         help="skip ImageReward and the aesthetic score (rewards: compressibility)")
     parser.add_argument("--out", help="write the tables as JSON to this file")
     options = parser.parse_args(argv)
-    if options.sd15 and options.sd2:
-        parser.error("give one of --sd15 and --sd2")
-    real = options.sd15 or options.sd2  # a Stable Diffusion architecture, not the shapes world
+    chosen = [flag for flag in FAMILIES if getattr(options, flag)]
+    if len(chosen) > 1:
+        parser.error("give one of --sd15, --sd2 and --sdxl")
+    real = chosen[0] if chosen else None  # a Stable Diffusion architecture, not the shapes world
     if options.latent_size is None:
-        options.latent_size = 96 if options.sd2 else 64
+        options.latent_size = FAMILIES[real][1] if real else 64
     for name in ("images", "steps", "repeats", "latent_size"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive whole number")
@@ -232,7 +243,7 @@ def main(argv=None):
     if real and not cuda:  # a smoke test: SD's UNet takes seconds per sample on 2 CPU cores
         options.images, options.steps = options.images or 2, options.steps or 5
     with tempfile.TemporaryDirectory() as folder:
-        model = os.path.join(folder, "sd15")
+        model = os.path.join(folder, "model")
         if real:
             model_args = ["--model", model, "--reward", "compressibility",
                           "--prompt", "A green colored rabbit"]
@@ -243,22 +254,21 @@ def main(argv=None):
         model_args += ["--steps", str(options.steps)] * bool(options.steps)
         model_args += ["--lr", str(options.lr)] * (options.lr is not None)
         model_args += ["--ratio-clip", str(options.ratio_clip)] * (options.ratio_clip is not None)
-        model_args += ["--policy-steps", "1"] * (real and not cuda)  # CPU smoke test
+        model_args += ["--policy-steps", "1"] * bool(real and not cuda)  # CPU smoke test
         try:  # dpok.py's own checks (rates, device), before any work
             args = dpok.parse_args(model_args)
         except dpok.UsageError as e:
             parser.error(str(e))
         if real:
-            build = architectures.sd2_pipeline if options.sd2 else architectures.sd15_pipeline
-            build(options.latent_size).to(dtype=torch.float16).save_pretrained(model)
-        pixels = 768 if options.sd2 else 512 if options.sd15 else 32
+            FAMILIES[real][0](options.latent_size).to(dtype=torch.float16).save_pretrained(model)
+        pixels = FAMILIES[real][1] * 8 if real else 32
         images = torch.rand(args.samples_per_iter, 3, pixels, pixels,
                             generator=torch.Generator().manual_seed(0))
         prompts = [args.prompt] * len(images)
         reward_rows, imagereward, aesthetic = reward_phases(options, folder, images.to(args.device), prompts)
         scorers = (imagereward, dict(fidelity=aesthetic)) if real else (None, None)
         print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, "
-              f"{'SD 2.1 architecture' if options.sd2 else 'SD v1.5 architecture' if real else 'shapes world'}, "
+              f"{FAMILIES[real][2] + ' architecture' if real else 'shapes world'}, "
               f"{args.samples_per_iter} "
               f"images x {args.steps} steps; rewards on {len(images)} images:")
         for name, row in reward_rows.items():
@@ -275,7 +285,7 @@ def main(argv=None):
                                         grad_accum=grad_accum, error="out of memory"))
                 show(results[-1])
     report = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                  world="sd2" if options.sd2 else "sd15" if options.sd15 else "shapes",
+                  world=real or "shapes",
                   latent_size=options.latent_size,
                   images=args.samples_per_iter, steps=args.steps, repeats=options.repeats,
                   rewards=reward_rows, configurations=results)

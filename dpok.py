@@ -31,7 +31,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -57,16 +57,13 @@ def opt(default, help, choices=None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
-REWARDS = ("imagereward", "aesthetic", "compressibility", "shapes", "shapes-learned")  # by name
-
-
 @dataclasses.dataclass
 class Args:
     prompt: str = opt(None, "the single prompt to fine-tune on")
     prompts: str = opt(None, "file with one prompt per line (multi-prompt training)")
     model: str = opt("stable-diffusion-v1-5/stable-diffusion-v1-5", "diffusers model id or path")
     tiny: bool = opt(False, "the shapes world (shapes.py): its shipped tiny model, offline, CPU")
-    reward: str = opt("imagereward", f"{', '.join(REWARDS)} (README), or your FILE.py:FUNCTION")
+    reward: str = opt("imagereward", "a reward of rewards.py or shapes.py (README), or FILE.py:FUNCTION")
     lora_rank: int = opt(4, "LoRA rank on the UNet attention projections")
     steps: int = opt(50, "DDIM steps T per image (paper Sec. 5)")
     guidance: float = opt(7.5, "classifier-free guidance scale w")
@@ -95,12 +92,10 @@ class Args:
     overwrite: bool = opt(False, "replace a previous run in --out")
     supervised: bool = opt(False, "train the supervised baseline (paper Sec. 4.2) instead of RL")
     supervised_samples: int = opt(1000, "images per prompt sampled once (paper: 20K in all)")
-    eval: bool = opt(False, "no training: compare --lora against the pretrained model")
-    lora: str = opt(None, "folder with pytorch_lora_weights.safetensors, for --eval")
+    eval: str = opt(None, "no training: compare the LoRA in this folder with the pretrained model")
     eval_samples: int = opt(50, "images per prompt for --eval (paper: 50 single, 30 multi-prompt)")
     device: str = opt(None, "cpu | cuda | cuda:N; default cuda if available")
-    dtype: str = opt(None, "default bfloat16 on GPU, float32 on CPU",
-                     ["float32", "bfloat16", "float16"])
+    dtype: str = opt(None, "default bfloat16 on GPU, float32 on CPU", ["float32", "bfloat16", "float16"])
 
 
 # ---- Models: Stable Diffusion (or the shapes world's tiny model) via diffusers, LoRA on the UNet
@@ -115,16 +110,15 @@ def ddim_scheduler(config, steps):
     if steps > scheduler.config.num_train_timesteps:
         raise UsageError(f"--steps {steps} exceeds the model's "
                          f"{scheduler.config.num_train_timesteps} training timesteps")
-    for name in ("clip_sample", "thresholding"):
-        if scheduler.config[name]:
-            say(f"note: the DPOK sampler samples without the model scheduler's {name}")
+    if scheduler.config.clip_sample or scheduler.config.thresholding:
+        say("note: the DPOK sampler samples without the model scheduler's clip_sample and thresholding")
     return DDIMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
 
 
 def load_pipeline(args):
     try:  # the scheduler first: an unsupported one is refused before the weights load
         config = DDIMScheduler.load_config(args.model, subfolder="scheduler")
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = DiffusionPipeline.from_pretrained(  # SD 1, 2 or XL, as model_index.json names it
             args.model, scheduler=ddim_scheduler(config, args.steps), safety_checker=None,
             torch_dtype=getattr(torch, args.dtype), requires_safety_checker=False)
     except UsageError:
@@ -133,9 +127,11 @@ def load_pipeline(args):
         raise UsageError(
             f"cannot load model {args.model!r} ({type(e).__name__}); download it once with "
             f"`huggingface-cli download {args.model}` while online, or run offline with --tiny")
-    for module in (pipe.vae, pipe.text_encoder):  # frozen (add_lora freezes the UNet's own weights)
-        module.requires_grad_(False)
-    return pipe.to(args.device)  # every component already in --dtype
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise UsageError(f"{args.model} holds a {type(pipe).__name__}, not Stable Diffusion 1, 2 or XL")
+    if args.dtype == "float16" and pipe.vae.config.get("force_upcast"):  # SDXL's VAE overflows
+        pipe.vae.to(torch.float32)
+    return pipe.to(args.device)  # add_lora freezes the UNet; the rest only ever runs without grad
 
 
 def add_lora(unet, rank):
@@ -154,12 +150,19 @@ def add_lora(unet, rank):
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts):
-    """Computed once (LoRA is on the UNet only): the text encoder's token states (P, L, D) and
-    those of the empty prompt (1, L, D) for guidance; the pooled features (P, D) for V."""
+    """Computed once (LoRA is on the UNet only): the UNet's text inputs, a dict of the prompts' rows
+    then the empty prompt's (-1, guidance's), and V's text features (P, D), pooled at the end of
+    text (SDXL: its pipeline's encoding, pooled embedding and size ids of the samples drawn here)."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        states, empty, pooled, empty_pooled = pipe.encode_prompt(prompts, device=pipe.device)
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=states.dtype, device=pipe.device)
+        return dict(encoder_hidden_states=torch.cat([states, empty[:1]]), time_ids=ids.expand(
+            len(prompts) + 1, -1), text_embeds=torch.cat([pooled, empty_pooled[:1]])), pooled
     ids = pipe.tokenizer([*prompts, ""], padding="max_length", truncation=True, return_tensors="pt",
                          max_length=pipe.tokenizer.model_max_length).input_ids
     out = pipe.text_encoder(ids.to(pipe.device))
-    return out.last_hidden_state[:-1], out.last_hidden_state[-1:], out.pooler_output[:-1]
+    return dict(encoder_hidden_states=out.last_hidden_state), out.pooler_output[:-1]
 
 
 # ---- Sampler: one DDIM step is one Gaussian policy action (paper Sec. 4).
@@ -198,24 +201,29 @@ def ddim_step_logprob(scheduler, model_output, timestep, sample, eta, prev_sampl
     return prev_sample, (log_prob * stochastic).mean(dim=(1, 2, 3))
 
 
-def implied_eps(scheduler, output, latents, timesteps):
-    """The noise eps a UNet output implies: the output under epsilon prediction; under v prediction
-    (SD 2.x; v = sqrt(a_t) eps - sqrt(1 - a_t) x_0) sqrt(a_t) v + sqrt(1 - a_t) x_t as in
-    DDIMScheduler.step, linear in v: guiding v is guiding eps. Steps, log-probs, KL: all in eps."""
+def unet_eps(unet, scheduler, latents, timesteps, text, prompt_index):
+    """eps_theta(x_t, t, z) (z: text's rows prompt_index), the noise the UNet's output implies: the
+    output under epsilon prediction; under v prediction (SD 2.x; v = sqrt(a_t) eps - sqrt(1 - a_t)
+    x_0) sqrt(a_t) v + sqrt(1 - a_t) x_t as in DDIMScheduler.step, linear in v: guiding v is
+    guiding eps. Steps, log-probs, KL: all in eps."""
+    rows = {name: value[prompt_index] for name, value in text.items()}
+    states = rows.pop("encoder_hidden_states")
+    output = unet(latents.to(states.dtype), timesteps, states, added_cond_kwargs=rows).sample.float()
     if scheduler.config.prediction_type == "epsilon":
         return output
     a_t = scheduler.alphas_cumprod.to(output.device)[timesteps].view(-1, 1, 1, 1)
     return a_t.sqrt() * output + (1 - a_t).sqrt() * latents.float()
 
 
-def guided_eps(unet, scheduler, latents, timesteps, cond, uncond, guidance):
-    """Classifier-free guidance, eps_u + w (eps_c - eps_u), in one UNet call on [uncond; cond].
-    Guidance is part of the policy: the log-prob is that of the guided step."""
+def guided_eps(unet, scheduler, latents, timesteps, text, prompt_index, guidance):
+    """Classifier-free guidance, eps_u + w (eps_c - eps_u), in one UNet call on [empty prompt;
+    prompt]. Guidance is part of the policy: the log-prob is that of the guided step."""
     n = latents.shape[0]
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(n)
-    out_uncond, out_cond = unet(latents.repeat(2, 1, 1, 1).to(cond.dtype), timesteps.repeat(2),
-                                torch.cat([uncond.expand(n, -1, -1), cond])).sample.float().chunk(2)
-    return implied_eps(scheduler, out_uncond + guidance * (out_cond - out_uncond), latents, timesteps)
+    both = torch.cat([torch.full_like(prompt_index, -1), prompt_index])  # -1: the empty prompt
+    eps_uncond, eps_cond = unet_eps(unet, scheduler, latents.repeat(2, 1, 1, 1), timesteps.repeat(2),
+                                    text, both).chunk(2)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
 @contextlib.contextmanager
@@ -230,7 +238,7 @@ def pretrained_model(unet):
 
 # ---- Rollout: sample trajectories x_T -> x_0 and store every stochastic transition.
 @torch.no_grad()
-def rollout(pipe, cond, uncond, prompt_index, args, generator, kl_bound=False):
+def rollout(pipe, text, prompt_index, args, generator, kl_bound=False):
     """Sample len(prompt_index) images with the current UNet (LoRA on); returns (transitions,
     images in [0, 1]). `transitions` holds, per (image, step), flattened image-major: latents x_t,
     next_latents x_{t-1}, timesteps t, step (0..T-1), prompt_index, log_prob (the old log-prob,
@@ -243,10 +251,10 @@ def rollout(pipe, cond, uncond, prompt_index, args, generator, kl_bound=False):
                     device=generator.device).to(pipe.device) * scheduler.init_noise_sigma
     latents, log_probs, kl = [x], [], []
     for t in scheduler.timesteps:
-        eps = guided_eps(unet, scheduler, x, t, cond[prompt_index], uncond, args.guidance)
+        eps = guided_eps(unet, scheduler, x, t, text, prompt_index, args.guidance)
         if kl_bound:  # KL_t of two Gaussians with one sigma_t, summed over latent dims
             with pretrained_model(unet):
-                eps_pre = guided_eps(unet, scheduler, x, t, cond[prompt_index], uncond, args.guidance)
+                eps_pre = guided_eps(unet, scheduler, x, t, text, prompt_index, args.guidance)
             weight = kl_step_weight(scheduler, t, args.eta).to(x.device)  # sigma_t = 0: not kept
             kl.append(weight * ((eps - eps_pre) ** 2).sum(dim=(1, 2, 3)))
         x, log_prob = ddim_step_logprob(scheduler, eps, t, x, args.eta, generator=generator)
@@ -307,6 +315,17 @@ def kl_regulariser(eps, eps_pre):
     return ((eps - eps_pre) ** 2).mean(dim=(1, 2, 3))
 
 
+def plus_kl(loss, stats, unet, eps, pretrained_eps, kl_beta):
+    """The batch mean of a loss + beta * KL regulariser to pretrained_eps(), the same prediction
+    with the adapters off (not computed at beta = 0: no second UNet pass), and the stats."""
+    if kl_beta > 0:
+        with pretrained_model(unet), torch.no_grad():
+            eps_pre = pretrained_eps()
+        kl = kl_regulariser(eps, eps_pre)  # its gradient: through eps_theta alone
+        loss, stats = loss + kl_beta * kl, dict(stats, kl=kl.mean().item())
+    return loss.mean(), dict(stats, loss=loss.mean().item())
+
+
 def kl_step_weight(scheduler, timestep, eta):
     """c_t^2 / (2 sigma_t^2): KL(N(mu_theta, s^2) || N(mu_pre, s^2)) = this * (eps diff)^2,
     with c_t = sqrt(1 - a_prev - sigma^2) - sqrt(a_prev) sqrt(1 - a_t) / sqrt(a_t)."""
@@ -315,7 +334,7 @@ def kl_step_weight(scheduler, timestep, eta):
     return c**2 / (2 * sigma**2)
 
 
-def policy_loss(unet, scheduler, batch, cond, uncond, args):
+def policy_loss(unet, scheduler, batch, text, args):
     """DPOK's per-transition loss (official form, deviation 3):
         -alpha * A * clamp(p_theta(x_{t-1}|x_t) / p_old(x_{t-1}|x_t), 1 - c, 1 + c) + beta * KL_t
     with the batch's advantage A: the policy gradient of Sec. 4, importance-weighted for
@@ -323,8 +342,8 @@ def policy_loss(unet, scheduler, batch, cond, uncond, args):
     Transitions marked `on_policy` were sampled by the very weights scored now: their p_old is
     this pass's own log-prob, detached, so their ratio is exactly 1 in any dtype, device and
     batch shape, and their gradient is the on-policy one (deviation 6)."""
-    text, x_t, t = cond[batch["prompt_index"]], batch["latents"], batch["timesteps"]
-    eps = guided_eps(unet, scheduler, x_t, t, text, uncond, args.guidance)
+    x_t, t, index = batch["latents"], batch["timesteps"], batch["prompt_index"]
+    eps = guided_eps(unet, scheduler, x_t, t, text, index, args.guidance)
     _, log_prob = ddim_step_logprob(scheduler, eps, t, x_t, args.eta, prev_sample=batch["next_latents"])
     on_policy = batch["on_policy"]
     ratio = torch.exp(log_prob - torch.where(on_policy, log_prob.detach(), batch["log_prob"]))
@@ -334,13 +353,8 @@ def policy_loss(unet, scheduler, batch, cond, uncond, args):
     gap = torch.where(on_policy, torch.exp(log_prob.detach() - batch["log_prob"]) - 1, 0).abs()
     stats = dict(ratio=ratio.mean().item(), clipfrac=(ratio != clipped).float().mean().item(),
                  max_rescore_gap=gap.max().item(), advantage=batch["advantage"].mean().item())
-    if args.kl_beta > 0:  # no second UNet pass when the estimator does not need it
-        with pretrained_model(unet), torch.no_grad():
-            eps_pre = guided_eps(unet, scheduler, x_t, t, text, uncond, args.guidance)
-        kl = kl_regulariser(eps, eps_pre)
-        loss = loss + args.kl_beta * kl
-        stats["kl"] = kl.mean().item()
-    return loss.mean(), dict(stats, loss=loss.mean().item())
+    return plus_kl(loss, stats, unet, eps, lambda: guided_eps(unet, scheduler, x_t, t, text, index,
+                                                              args.guidance), args.kl_beta)
 
 
 def accumulate_gradient(loss_fn, batch, batch_size, scaler=None):
@@ -395,12 +409,12 @@ def setup(args, prompts):
     torch.manual_seed(args.seed)  # LoRA and value-function initialisation
     pipe = load_pipeline(args)
     params = add_lora(pipe.unet, args.lora_rank)  # the trainable weights
-    cond, uncond, text_features = encode_prompts(pipe, prompts)  # (P, L, D), (1, L, D), (P, D)
+    text, text_features = encode_prompts(pipe, prompts)  # {name: (P + 1, ...)}, (P, D)
     latent_dim = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
     value_fn = None if args.no_value or args.supervised else ValueFunction(
         latent_dim, text_features.shape[-1], args.steps).to(args.device)
     return SimpleNamespace(
-        pipe=pipe, prompts=prompts, cond=cond, uncond=uncond, text_features=text_features,
+        pipe=pipe, prompts=prompts, text=text, text_features=text_features,
         reward_fn=reward_fn, measures=measures,
         optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),  # official: no decay
         scaler=torch.amp.GradScaler(torch.device(args.device).type, enabled=args.dtype == "float16"),
@@ -423,7 +437,7 @@ def next_prompts(run, n):
         pick = next((i for i in run.prompt_queue if i not in chosen), run.prompt_queue[0])
         run.prompt_queue.remove(pick)
         chosen.append(pick)
-    chosen = torch.tensor(chosen, device=run.cond.device)
+    chosen = torch.tensor(chosen, device=run.text_features.device)
     if dist.is_initialized():
         dist.broadcast(chosen, src=0)
     return chosen[rank * n:(rank + 1) * n]
@@ -433,7 +447,7 @@ def score(run, images, prompt_index, measured=True):
     """r(x_0, z) of this rank's images and all ranks' (non-finite: all stop); measures' means."""
     prompts = [run.prompts[i] for i in prompt_index]
     with torch.no_grad():
-        rewards = run.reward_fn(images, prompts).float().to(run.cond.device)
+        rewards = run.reward_fn(images, prompts).float().to(run.text_features.device)
         measures = {name: all_gather(fn(images, prompts).float().to(rewards.device)).mean().item()
                     for name, fn in run.measures.items() if measured}
     everyone = all_gather(rewards)
@@ -485,7 +499,7 @@ def dpok_iteration(run, args):
     # 1. Rollout: samples_per_iter images from the current policy p_theta, every transition with
     #    its old log-prob; score each x_0 with r(x_0, z) and give every transition its reward.
     prompt_index = next_prompts(run, args.samples_per_iter)
-    transitions, images = rollout(run.pipe, run.cond, run.uncond, prompt_index, args, run.generator)
+    transitions, images = rollout(run.pipe, run.text, prompt_index, args, run.generator)
     rewards, everyone, measures = score(run, images, prompt_index)
     transitions["reward"] = rewards.repeat_interleave(len(transitions["log_prob"]) // len(rewards))
     # 2. FIFO buffer of the last buffer_size transitions.
@@ -505,7 +519,7 @@ def dpok_iteration(run, args):
             if not args.official_advantage:
                 batch["advantage"] -= all_gather(batch["advantage"]).mean()
         updates.append(update(run, batch, lambda micro: policy_loss(
-            run.pipe.unet, run.pipe.scheduler, micro, run.cond, run.uncond, args), args))
+            run.pipe.unet, run.pipe.scheduler, micro, run.text, args), args))
         run.buffer["on_policy"].zero_()  # theta has moved: from now on the stored log-prob is p_old
     return iteration_metrics(everyone, measures, updates, value_mse), images
 
@@ -519,9 +533,10 @@ def iteration_metrics(rewards, measures, updates, value_loss=None):
                                   for k, v in stats.items()}}, value_loss=value_loss)
 
 
-def check_finite(name, value):
+def check_finite(name, value):  # before the optimizer step, so the model is still a good one
     if not math.isfinite(value):
-        raise FloatingPointError(f"{name} ({value})")
+        raise TrainingStopped(f"non-finite {name} ({value}); stopped, the last checkpoint in --out "
+                              "is the last good state", 1)
 
 
 # ---- Supervised baseline (paper Sec. 4.2): reward-weighted denoising on fixed samples, KL-O
@@ -529,13 +544,13 @@ def check_finite(name, value):
 def collect_supervised_data(run, args):
     """--supervised-samples images per prompt (per rank) from the pretrained model, scored once;
     the loss needs non-negative weights: rewards min-max normalised to [0, 1] (deviation 9)."""
-    index = torch.arange(len(run.prompts), device=run.cond.device).repeat_interleave(
+    index = torch.arange(len(run.prompts), device=run.text_features.device).repeat_interleave(
         args.supervised_samples)
     latents, scores = [], []
     with pretrained_model(run.pipe.unet):
         for chunk in tqdm(index.split(args.samples_per_iter), desc="sampling data", leave=False,
                           disable=world()[0] > 0):  # rank 0's bar only
-            transitions, images = rollout(run.pipe, run.cond, run.uncond, chunk, args, run.generator)
+            transitions, images = rollout(run.pipe, run.text, chunk, args, run.generator)
             latents.append(transitions["next_latents"].unflatten(0, (len(chunk), -1))[:, -1])  # x_0
             scores.append(score(run, images, chunk, measured=False)[:2])
     rewards, everyone = (torch.cat(s) for s in zip(*scores))  # this rank's, all ranks'
@@ -544,39 +559,33 @@ def collect_supervised_data(run, args):
     return dict(latents=torch.cat(latents), prompt_index=index, reward=weight)
 
 
-def supervised_loss(unet, scheduler, batch, cond, args, generator):
+def supervised_loss(unet, scheduler, batch, text, args, generator):
     """alpha * w(r) * ||n - eps_theta(x_t, t, z)||^2 + beta * ||eps_theta - eps_pre||^2 on
     x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n with t uniform, n ~ N(0, I) (paper Sec. 4.2).
-    Conditional eps predictions (implied_eps; no guidance, deviation 9), as in fine-tuning."""
-    x0, text = batch["latents"], cond[batch["prompt_index"]]
+    Conditional eps predictions (unet_eps; no guidance, deviation 9), as in fine-tuning."""
+    x0, index = batch["latents"], batch["prompt_index"]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
     x_t = scheduler.add_noise(x0, noise, t)
-    eps = implied_eps(scheduler, unet(x_t.to(text.dtype), t, text).sample.float(), x_t, t)
+    eps = unet_eps(unet, scheduler, x_t, t, text, index)
     denoise = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
     loss = args.reward_alpha * batch["reward"] * denoise
-    stats = dict(denoise=denoise.mean().item())
-    if args.kl_beta > 0:
-        with pretrained_model(unet), torch.no_grad():
-            eps_pre = implied_eps(scheduler, unet(x_t.to(text.dtype), t, text).sample.float(), x_t, t)
-        kl = kl_regulariser(eps, eps_pre)
-        loss = loss + args.kl_beta * kl
-        stats["kl"] = kl.mean().item()
-    return loss.mean(), dict(stats, loss=loss.mean().item())
+    return plus_kl(loss, dict(denoise=denoise.mean().item()), unet, eps,
+                   lambda: unet_eps(unet, scheduler, x_t, t, text, index), args.kl_beta)
 
 
 def supervised_iteration(run, args):
     """The baseline's iteration, step for step beside dpok_iteration."""
     # 1. Fresh samples of the current model, only to measure the reward as DPOK's iterations do.
     prompt_index = next_prompts(run, args.samples_per_iter)
-    _, images = rollout(run.pipe, run.cond, run.uncond, prompt_index, args, run.generator)
+    _, images = rollout(run.pipe, run.text, prompt_index, args, run.generator)
     _, everyone, measures = score(run, images, prompt_index)
     # 2. policy_steps updates on random batches of the fixed data set (no buffer, no value).
     updates = []
     for _ in range(args.policy_steps):
         batch = sample_batch(run.buffer, args.grad_accum * args.batch_size, run.generator)
         updates.append(update(run, batch, lambda micro: supervised_loss(
-            run.pipe.unet, run.pipe.scheduler, micro, run.cond, args, run.generator), args))
+            run.pipe.unet, run.pipe.scheduler, micro, run.text, args, run.generator), args))
     return iteration_metrics(everyone, measures, updates), images
 
 
@@ -666,7 +675,7 @@ def save_checkpoint(run, args, iteration):
             save_lora(run.pipe.unet, args.out)
         except OSError as e:  # disk full, folder removed: the previous checkpoint is still whole
             error = str(e)
-    if all_gather(torch.tensor([float(error is not None)], device=run.cond.device)).any():
+    if all_gather(torch.tensor([float(error is not None)], device=run.text_features.device)).any():
         raise TrainingStopped(f"cannot write the checkpoint in {args.out} ({error}); the "
                               "previous one is intact", 1)
 
@@ -753,11 +762,7 @@ def train(args):
                    initial=first, total=args.iterations, disable=rank > 0)
         for iteration in bar:
             start = time.time()
-            try:
-                metrics, images = iterate(run, args)
-            except FloatingPointError as e:  # before the optimizer step: the model is still good
-                raise TrainingStopped(f"non-finite {e} at iteration {iteration}; stopped, the last "
-                                      "checkpoint in --out is the last good state", 1)
+            metrics, images = iterate(run, args)
             metrics = dict(iteration=iteration, **metrics, seconds=time.time() - start)
             history.append(metrics)
             if rank == 0:  # metrics (of all ranks), rank 0's images, the progress bar
@@ -769,7 +774,7 @@ def train(args):
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=metrics["kl"])
                 watch(history, run, args)
             # a signal to any rank stops every rank after this same iteration
-            signum = int(all_gather(torch.tensor(stop[:1] or [0], device=run.cond.device)).max())
+            signum = int(all_gather(torch.tensor(stop[:1] or [0], device=args.device)).max())
             if signum or (iteration + 1) % args.save_every == 0 or iteration + 1 == args.iterations:
                 save_checkpoint(run, args, iteration + 1)
             if signum:
@@ -811,11 +816,11 @@ def evaluate(args):
     pipe = load_pipeline(args)
     scorers = dict(reward=reward_fn, **measures)
     try:
-        pipe.load_lora_weights(args.lora)
+        pipe.load_lora_weights(args.eval)
     except Exception as e:
-        raise UsageError(f"--lora {args.lora}: cannot load LoRA weights ({type(e).__name__}: "
+        raise UsageError(f"--eval {args.eval}: cannot load LoRA weights ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]})")
-    cond, uncond, _ = encode_prompts(pipe, prompts)
+    text, _ = encode_prompts(pipe, prompts)
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for p, prompt in enumerate(tqdm(prompts, desc="eval")):
@@ -824,9 +829,9 @@ def evaluate(args):
         before, after, kl = [], [], []
         for chunk in torch.full((args.eval_samples,), p, device=args.device).split(args.samples_per_iter):
             with pretrained_model(pipe.unet):
-                before.append(rollout(pipe, cond, uncond, chunk, args, seeds[0])[1])
+                before.append(rollout(pipe, text, chunk, args, seeds[0])[1])
             # Summed over t, the steps' KL bounds KL(p_theta(x_0|z) || p_pre(x_0|z)) (paper's lemma)
-            transitions, images = rollout(pipe, cond, uncond, chunk, args, seeds[1], kl_bound=True)
+            transitions, images = rollout(pipe, text, chunk, args, seeds[1], kl_bound=True)
             after.append(images)
             kl.append(transitions["kl"])
         grid = "eval.png" if len(prompts) == 1 else f"eval_{p:03d}.png"  # one per prompt: readable
@@ -848,7 +853,7 @@ def evaluate(args):
         print(f"{r['prompt']} (pretrained -> fine-tuned, gain +- SE): " + "".join(
             f"{n} {r[n + '_pretrained']:.4f} -> {r[n + '_finetuned']:.4f} ({r[n + '_gain']:+.4f} +- "
             f"{r[n + '_gain_se']:.4f}), " for n in scorers) + f"KL bound {r['kl_bound']:.1f} nats")
-    print(f"dpok: eval of {args.lora} in {args.out}: eval.json, {grid.replace(f'{p:03d}', 'NNN')} "
+    print(f"dpok: eval of {args.eval} in {args.out}: eval.json, {grid.replace(f'{p:03d}', 'NNN')} "
           "(a grid per prompt: pretrained samples above the fine-tuned ones, same seeds)")
     return rows
 
@@ -901,9 +906,7 @@ def check_args(args, given):
 
     if (args.prompt is None) == (args.prompts is None):
         bad("give exactly one of --prompt TEXT or --prompts FILE")
-    if ":" not in args.reward and args.reward not in REWARDS:
-        bad(f"unknown --reward {args.reward!r}: one of {', '.join(REWARDS)}, or FILE.py:FUNCTION")
-    for name in ("prompt", "prompts", "model", "out", "lora"):
+    for name in ("prompt", "prompts", "model", "out", "eval"):
         if getattr(args, name) is not None and not getattr(args, name).strip():
             bad(f"{flag(name)} is empty")
     for mode, unused in UNUSED.items():
@@ -931,10 +934,8 @@ def check_args(args, given):
     if args.batch_size * args.grad_accum > args.buffer_size:
         bad(f"--batch-size x --grad-accum ({args.batch_size * args.grad_accum}) exceeds "
             f"--buffer-size ({args.buffer_size})")
-    if args.eval != (args.lora is not None):
-        bad("--eval needs --lora DIR (and --lora is only used with --eval)")
-    if args.lora and not os.path.isfile(os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
-        bad(f"--lora {args.lora}: no pytorch_lora_weights.safetensors there")
+    if args.eval and not os.path.isfile(os.path.join(args.eval, "pytorch_lora_weights.safetensors")):
+        bad(f"--eval {args.eval}: no pytorch_lora_weights.safetensors there")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
@@ -959,10 +960,9 @@ def read_prompts(args):
     try:
         with open(args.prompts, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
-    except UnicodeDecodeError:
-        raise UsageError(f"prompts file is not UTF-8 text: {args.prompts}")
-    except OSError as e:  # missing, a folder, unreadable
-        raise UsageError(f"cannot read prompts file {args.prompts}: {e.strerror}")
+    except (OSError, UnicodeDecodeError) as e:  # missing, a folder, unreadable, not text
+        raise UsageError(f"cannot read prompts file {args.prompts}: "
+                         f"{getattr(e, 'strerror', 'not UTF-8 text')}")
     if not prompts:
         raise UsageError(f"prompts file has no prompts: {args.prompts}")
     return prompts

@@ -149,7 +149,7 @@ def run_experiment(folder, spec, eval_samples, threads):
             again = "--resume" if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "--overwrite"
             commands = [dpok + spec.get("prompt", ["--prompt", RESULTS_PROMPT]) + spec["flags"]
                         + ["--iterations", str(k), "--out", folder, again]]
-            commands += [dpok + groups[group] + ["--eval", "--lora", folder, "--eval-samples", samples,
+            commands += [dpok + groups[group] + ["--eval", folder, "--eval-samples", samples,
                                                   "--out", os.path.dirname(evaluated(folder, k, group))]
                          for group in todo]
             for command in commands:

@@ -93,6 +93,7 @@ def compressibility_reward(images, prompts):
 REWARDS = {"imagereward": lambda device: (imagereward_reward(device), fidelity(device)),
            "aesthetic": lambda device: (aesthetic_score(device), {}),
            "compressibility": lambda device: (compressibility_reward, {})}
+SHAPES_REWARDS = ("shapes", "shapes-learned")  # shapes.REWARDS, imported only when used
 
 
 def load(spec, device, prompts):
@@ -101,7 +102,10 @@ def load(spec, device, prompts):
     module:function, with no measures, tried first on 2 random images with the run's first
     prompt: it must return one score per image. Raises with a one-line message."""
     source, _, name = spec.rpartition(":")
-    if not source and name.startswith("shapes"):  # the shapes world reads its captions alone
+    if not source and name not in REWARDS and name not in SHAPES_REWARDS:
+        raise ValueError(f"unknown reward {name!r}: one of {', '.join([*REWARDS, *SHAPES_REWARDS])}, "
+                         "or FILE.py:FUNCTION")
+    if not source and name in SHAPES_REWARDS:  # the shapes world reads its captions alone
         shapes = importlib.import_module("shapes")
         [shapes.parse_caption(prompt) for prompt in prompts]  # each one: ValueError otherwise
         return shapes.REWARDS[name](device)

@@ -75,8 +75,8 @@ def tiny_pipeline(device="cpu"):
     args = tiny_args("--device", device, out="unused")
     pipe = dpok.load_pipeline(args)
     params = dpok.add_lora(pipe.unet, args.lora_rank)
-    cond, uncond, _ = dpok.encode_prompts(pipe, [PROMPT])
-    return pipe, params, cond, uncond, args
+    text, _ = dpok.encode_prompts(pipe, [PROMPT])
+    return pipe, params, text, args
 
 
 @contextlib.contextmanager
@@ -112,6 +112,12 @@ def tiny_on_device(tiny, device):
 # Models and sampler: DDIM steps as Gaussian policy actions (paper Sec. 4)
 
 
+def implied_eps(scheduler, output, latents, timesteps):
+    """dpok.unet_eps of a UNet whose output is `output`, read as the scheduler's prediction type."""
+    unet = lambda x, t, states, added_cond_kwargs: SimpleNamespace(sample=output)
+    return dpok.unet_eps(unet, scheduler, latents, timesteps, {"encoder_hidden_states": torch.zeros(1)}, 0)
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
 @pytest.mark.parametrize("eta", [1.0, 0.5])
@@ -123,7 +129,7 @@ def test_sampler_equals_diffusers_ddim_step_at_every_step(prediction, set_alpha_
     for t in scheduler.timesteps:  # the last step uses the final alpha: DDPO's bug would fail here
         sample, output = (torch.randn(3, 4, 8, 8, generator=gen).to(device) for _ in range(2))
         noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(int(t))).to(device)
-        eps = dpok.implied_eps(scheduler, output, sample, t)
+        eps = implied_eps(scheduler, output, sample, t)
         ours, _ = dpok.ddim_step_logprob(scheduler, eps, t, sample, eta,
                                          generator=torch.Generator().manual_seed(int(t)))
         ref = scheduler.step(output, t, sample, eta=eta, variance_noise=noise).prev_sample
@@ -140,22 +146,22 @@ def test_log_prob_equals_torch_normal_mean_over_dims(prediction):
         mu = scheduler.step(output, t, sample, eta=1.0, variance_noise=torch.zeros_like(sample))
         sigma = reference_sigma(scheduler, t)
         ref = torch.distributions.Normal(mu.prev_sample, sigma).log_prob(prev).mean(dim=(1, 2, 3))
-        eps = dpok.implied_eps(scheduler, output, sample, t)
+        eps = implied_eps(scheduler, output, sample, t)
         _, ours = dpok.ddim_step_logprob(scheduler, eps, t, sample, 1.0, prev_sample=prev)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_v_prediction_implies_the_noise_of_its_definition():
     """v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 (Salimans & Ho 2022, diffusers' get_velocity): from
-    the true v of a noised sample, implied_eps gives back the noise itself."""
+    the true v of a noised sample, unet_eps gives back the noise itself."""
     scheduler = sd_scheduler(prediction_type="v_prediction")
     gen = torch.Generator().manual_seed(3)
     x0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
     t = torch.tensor([1, 250, 600, 999])
     x_t = scheduler.add_noise(x0, noise, t)
-    torch.testing.assert_close(dpok.implied_eps(scheduler, scheduler.get_velocity(x0, noise, t), x_t, t),
+    torch.testing.assert_close(implied_eps(scheduler, scheduler.get_velocity(x0, noise, t), x_t, t),
                                noise, rtol=1e-4, atol=1e-4)
-    assert dpok.implied_eps(sd_scheduler(), noise, x_t, t) is noise  # epsilon: the output itself
+    assert implied_eps(sd_scheduler(), noise, x_t, t) is noise  # epsilon: the output itself
 
 
 def test_per_sample_timesteps_score_like_one_timestep_at_a_time():
@@ -170,7 +176,7 @@ def test_per_sample_timesteps_score_like_one_timestep_at_a_time():
 
 
 def test_deterministic_final_step_has_no_log_prob_and_is_not_stored(tiny):
-    pipe, _, cond, uncond, args = tiny
+    pipe, _, text, args = tiny
     scheduler = sd_scheduler(set_alpha_to_one=True)
     last = scheduler.timesteps[-1]
     assert reference_sigma(scheduler, last).item() == 0
@@ -181,7 +187,7 @@ def test_deterministic_final_step_has_no_log_prob_and_is_not_stored(tiny):
     original = pipe.scheduler
     pipe.scheduler = scheduler
     try:
-        transitions, images = dpok.rollout(pipe, cond, uncond, torch.zeros(2, dtype=torch.long),
+        transitions, images = dpok.rollout(pipe, text, torch.zeros(2, dtype=torch.long),
                                            args, torch.Generator().manual_seed(0), kl_bound=True)
     finally:
         pipe.scheduler = original
@@ -195,11 +201,11 @@ def test_deterministic_final_step_has_no_log_prob_and_is_not_stored(tiny):
 def test_rollout_images_equal_diffusers_pipeline_call(tiny_on_device, prediction):
     """Same noise, same guidance, same DDIM steps: our sampler is the pipeline plus log-probs,
     also when the UNet's output is read as v (the pipeline guides v, we guide the eps it implies)."""
-    pipe, _, cond, uncond, args = tiny_on_device
+    pipe, _, text, args = tiny_on_device
     original = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(original.config, prediction_type=prediction)
     try:
-        _, ours = dpok.rollout(pipe, cond, uncond, torch.zeros(3, dtype=torch.long, device=args.device),
+        _, ours = dpok.rollout(pipe, text, torch.zeros(3, dtype=torch.long, device=args.device),
                                args, torch.Generator().manual_seed(7))
         ref = pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, eta=args.eta, output_type="pt",
@@ -239,13 +245,14 @@ def test_scheduler_settings_the_sampler_does_not_implement_are_refused_or_switch
 def test_prompt_encoding_equals_diffusers_and_pools_the_end_of_text_state(tiny):
     pipe = tiny[0]
     prompts = [PROMPT, "a red car"]
-    cond, uncond, pooled = dpok.encode_prompts(pipe, prompts)
+    text, pooled = dpok.encode_prompts(pipe, prompts)
     ref_cond, ref_uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
-    torch.testing.assert_close(cond, ref_cond)
-    torch.testing.assert_close(uncond, ref_uncond[:1])
+    assert text.keys() == {"encoder_hidden_states"}  # SD: the token states alone
+    torch.testing.assert_close(text["encoder_hidden_states"][:-1], ref_cond)  # the prompts,
+    torch.testing.assert_close(text["encoder_hidden_states"][-1:], ref_uncond[:1])  # then the empty one
     for i, prompt in enumerate(prompts):  # the value function's text feature (deviation 7)
         end_of_text = len(pipe.tokenizer(prompt).input_ids) - 1
-        torch.testing.assert_close(pooled[i], cond[i, end_of_text])
+        torch.testing.assert_close(pooled[i], text["encoder_hidden_states"][i, end_of_text])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +262,9 @@ def test_prompt_encoding_equals_diffusers_and_pools_the_end_of_text_state(tiny):
 def test_adapters_off_is_the_pretrained_model_so_kl_is_zero_only_for_the_untouched_one(tiny):
     """p_pre is the same UNet with its LoRA switched off (deviation 5): for a fine-tuned LoRA it
     gives back exactly the untouched (B = 0) model, and the KL regulariser is zero only there."""
-    pipe, params, cond, uncond, args = tiny
+    pipe, params, text, args = tiny
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([981, 501, 1])
-    eps_of = lambda: dpok.guided_eps(pipe.unet, pipe.scheduler, x, t, cond.expand(3, -1, -1), uncond,
+    eps_of = lambda: dpok.guided_eps(pipe.unet, pipe.scheduler, x, t, text, torch.zeros(3, dtype=torch.long),
                                      args.guidance)
     with torch.no_grad():
         untouched = eps_of()
@@ -291,17 +298,17 @@ def test_eps_kl_times_step_weight_is_the_gaussian_kl():
 # Policy gradient and its importance ratio (paper Sec. 4; the official train_online_pg.py)
 
 
-def fake_batch(pipe, cond, uncond, args, n, seed):
+def fake_batch(pipe, text, args, n, seed):
     index = torch.zeros(n // args.steps + 1, dtype=torch.long, device=args.device)
-    transitions, _ = dpok.rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(seed))
+    transitions, _ = dpok.rollout(pipe, text, index, args, torch.Generator().manual_seed(seed))
     batch = {k: v[:n] for k, v in transitions.items()}
     batch["reward"] = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(args.device)
     batch["advantage"] = batch["reward"]
     return batch
 
 
-def policy_gradient(pipe, batch, cond, uncond, args):
-    loss_fn = lambda m: dpok.policy_loss(pipe.unet, pipe.scheduler, m, cond, uncond, args)
+def policy_gradient(pipe, batch, text, args):
+    loss_fn = lambda m: dpok.policy_loss(pipe.unet, pipe.scheduler, m, text, args)
     return dpok.accumulate_gradient(loss_fn, batch, args.batch_size)
 
 
@@ -310,16 +317,16 @@ def lora_grads(params):
 
 
 def test_accumulated_gradient_equals_full_batch_gradient(tiny_on_device):
-    pipe, params, cond, uncond, args = tiny_on_device
+    pipe, params, text, args = tiny_on_device
     with perturbed_lora(params):  # off the pretrained point, so the KL term has a gradient too
-        batch = fake_batch(pipe, cond, uncond, args, 8, seed=5)
+        batch = fake_batch(pipe, text, args, 8, seed=5)
         grads = {}
         for batch_size, beta in ((8, "0.5"), (3, "0.5"), (8, "0")):  # 3 does not divide 8
             for p in params:
                 p.grad = None
             micro = tiny_args("--batch-size", str(batch_size), "--kl-beta", beta, "--device",
                               args.device, out="unused")
-            policy_gradient(pipe, batch, cond, uncond, micro)
+            policy_gradient(pipe, batch, text, micro)
             grads[batch_size, beta] = lora_grads(params)
     for full, accumulated in zip(grads[8, "0.5"], grads[3, "0.5"]):
         # float32 summation order only: 1e-4 of the gradient's scale (a wrong weighting of the
@@ -331,32 +338,32 @@ def test_accumulated_gradient_equals_full_batch_gradient(tiny_on_device):
 
 
 def test_only_lora_weights_receive_gradients(tiny):
-    pipe, params, cond, uncond, args = tiny
-    batch = fake_batch(pipe, cond, uncond, args, 4, seed=6)
-    policy_gradient(pipe, batch, cond, uncond, args)
+    pipe, params, text, args = tiny
+    batch = fake_batch(pipe, text, args, 4, seed=6)
+    policy_gradient(pipe, batch, text, args)
     with_grad = {n for n, p in pipe.unet.named_parameters() if p.grad is not None}
     assert with_grad and all("lora" in n for n in with_grad)
     assert len(with_grad) == len(params)
-    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
-    assert not any(p.requires_grad for p in pipe.vae.parameters())
+    # the text encoder and the VAE only ever run without autograd: nothing reaches them
+    assert all(p.grad is None for m in (pipe.text_encoder, pipe.vae) for p in m.parameters())
     for p in params:
         p.grad = None
 
 
 def test_positive_advantage_raises_the_log_prob_of_its_action(tiny):
     """Direction of the policy gradient: one step on a transition with A > 0 makes it likelier."""
-    pipe, params, cond, uncond, args = tiny
-    batch = fake_batch(pipe, cond, uncond, args, 4, seed=8)
+    pipe, params, text, args = tiny
+    batch = fake_batch(pipe, text, args, 4, seed=8)
     batch["advantage"] = torch.ones(4)
     snapshot = [p.detach().clone() for p in params]
     run = tiny_args("--kl-beta", "0", out="unused")
-    policy_gradient(pipe, batch, cond, uncond, run)
+    policy_gradient(pipe, batch, text, run)
     with torch.no_grad():
         for p in params:
             p.sub_(1e-3 * p.grad)
             p.grad = None
         eps = dpok.guided_eps(pipe.unet, pipe.scheduler, batch["latents"], batch["timesteps"],
-                              cond.expand(4, -1, -1), uncond, args.guidance)
+                              text, torch.zeros(4, dtype=torch.long), args.guidance)
         _, new = dpok.ddim_step_logprob(pipe.scheduler, eps, batch["timesteps"], batch["latents"],
                                         args.eta, prev_sample=batch["next_latents"])
         for p, old in zip(params, snapshot):
@@ -485,7 +492,7 @@ def test_value_function_takes_one_adamw_step_on_its_accumulated_batches(tiny_run
     """Official: v_step backward passes of loss / v_step, then ONE optimizer step."""
     run, args = tiny_run
     args = dataclasses.replace(args, value_steps=3, value_batch_size=16)
-    transitions, _ = dpok.rollout(run.pipe, run.cond, run.uncond, torch.zeros(2, dtype=torch.long),
+    transitions, _ = dpok.rollout(run.pipe, run.text, torch.zeros(2, dtype=torch.long),
                                   args, torch.Generator().manual_seed(0))
     transitions["reward"] = torch.randn(len(transitions["log_prob"]))
     run.buffer = transitions
@@ -518,7 +525,7 @@ def test_value_function_removes_the_reward_offset_that_no_value_leaves_in_the_ad
     value_fn = copy.deepcopy(run.value_fn)  # the fixture's own are left untouched
     run = SimpleNamespace(**{**vars(run), "value_fn": value_fn, "generator": generator,
                              "value_opt": torch.optim.AdamW(value_fn.parameters(), lr=args.value_lr)})
-    transitions, _ = dpok.rollout(run.pipe, run.cond, run.uncond, torch.zeros(4, dtype=torch.long),
+    transitions, _ = dpok.rollout(run.pipe, run.text, torch.zeros(4, dtype=torch.long),
                                   args, torch.Generator().manual_seed(3))
     rewards = -4 + 0.3 * torch.randn(4, generator=torch.Generator().manual_seed(1))  # per image
     transitions["reward"] = rewards.repeat_interleave(len(transitions["log_prob"]) // 4)
@@ -585,7 +592,7 @@ def test_buffer_keeps_the_last_buffer_size_transitions_each_with_its_images_rewa
 
 
 def test_prompts_are_shuffled_passes_distinct_within_an_iteration():
-    run = SimpleNamespace(prompts=list("abcdefg"), prompt_queue=[], cond=torch.zeros(1),
+    run = SimpleNamespace(prompts=list("abcdefg"), prompt_queue=[], text_features=torch.zeros(1),
                           generator=torch.Generator().manual_seed(0))
     draws = [dpok.next_prompts(run, 3).tolist() for _ in range(7)]  # 21 draws = 3 passes of 7
     assert all(len(set(d)) == 3 for d in draws)
@@ -708,7 +715,7 @@ def test_learned_reward_run_reports_the_analyser_as_judge_and_its_exact_rate(tmp
     assert all(set(m) >= {"reward_mean", "judge", "exact", "fidelity"} for m in metrics)
     assert os.path.exists(os.path.join(out, "reward_curve.png"))
     assert dpok.main(["--tiny", "--prompt", PROMPT, "--reward", "shapes-learned", "--eval",
-                      "--lora", out, "--eval-samples", "4", "--out", out]) == 0
+                      out, "--eval-samples", "4", "--out", out]) == 0
     result = json.load(open(os.path.join(out, "eval.json")))["results"][0]
     for name in ("reward", "judge", "exact", "fidelity"):
         assert {f"{name}_pretrained", f"{name}_finetuned", f"{name}_gain", f"{name}_gain_se"} <= set(result)
@@ -716,8 +723,8 @@ def test_learned_reward_run_reports_the_analyser_as_judge_and_its_exact_rate(tmp
     # the pretrained model's eval samples (seed 0), scored here by each scorer directly
     args = dpok.parse_args(["--tiny", "--prompt", PROMPT, "--out", "unused"])
     pipe = dpok.load_pipeline(args)
-    cond, uncond, _ = dpok.encode_prompts(pipe, [PROMPT])
-    _, images = dpok.rollout(pipe, cond, uncond, torch.zeros(4, dtype=torch.long), args,
+    text, _ = dpok.encode_prompts(pipe, [PROMPT])
+    _, images = dpok.rollout(pipe, text, torch.zeros(4, dtype=torch.long), args,
                              torch.Generator().manual_seed(0))
     for name, fn in (("reward", shapes.learned_reward()), ("judge", shapes.shapes_reward),
                      ("exact", shapes.exact_rate), ("fidelity", shapes.clean_fraction)):
@@ -785,7 +792,7 @@ def test_downloaded_rewards_missing_offline_are_one_line_exit_2(reward, model, t
 
 
 def test_every_reward_name_is_a_world_s_and_module_function_loads_a_user_s():
-    assert dpok.REWARDS == (*rewards.REWARDS, *shapes.REWARDS)
+    assert rewards.SHAPES_REWARDS == tuple(shapes.REWARDS)  # known to rewards.load before importing shapes
     reward, measures = dpok.reward_and_measures("rewards:compressibility_reward", "cpu", [PROMPT])
     assert reward is rewards.compressibility_reward and measures == {}
 
@@ -806,7 +813,7 @@ def test_a_reward_written_as_a_function_in_a_file_trains_and_a_wrong_shape_is_re
     args = dpok.parse_args([*argv, "--out", "unused"])
     run = dpok.setup(args, [PROMPT])
     index = dpok.next_prompts(run, args.samples_per_iter)
-    _, images = dpok.rollout(run.pipe, run.cond, run.uncond, index, args, run.generator)
+    _, images = dpok.rollout(run.pipe, run.text, index, args, run.generator)
     greenness = (images[:, 1] - images[:, 0]).mean((1, 2))
     assert greenness.std() > 0.01 and rows[0]["reward_mean"] == pytest.approx(greenness.mean().item(), abs=1e-6)
     capsys.readouterr()
@@ -834,11 +841,11 @@ def test_shipped_model_draws_the_captions_colours_cleanly(tiny):
     colour 0.95, count 0.80, shape 0.70, exact 0.47, clean 0.96)."""
     pipe, _, _, _, args = tiny
     captions = ["one red circle", "two blue triangles", "three yellow squares", "two green circles"]
-    cond, uncond, _ = dpok.encode_prompts(pipe, captions)
+    text, _ = dpok.encode_prompts(pipe, captions)
     args = dataclasses.replace(args, steps=20)
     index = torch.arange(4).repeat_interleave(8)
     with dpok.pretrained_model(pipe.unet):
-        _, images = dpok.rollout(pipe, cond, uncond, index, args, torch.Generator().manual_seed(0))
+        _, images = dpok.rollout(pipe, text, index, args, torch.Generator().manual_seed(0))
     scores = shapes.analyse(images, [captions[i] for i in index])
     assert sum(s["colour"] for s in scores) / 32 > 0.85
     assert sum(s["clean"] for s in scores) / 32 > 0.9
@@ -987,7 +994,7 @@ def test_multi_prompt_run_with_the_shipped_prompts_file(tmp_path, device, monkey
 COUNTS = [dpok.flag(name) for name in dpok.COUNTS]
 RATES = ["--guidance", "--kl-beta", "--lr", "--clip-norm", "--reward-alpha", "--ratio-clip",
          "--value-lr"]
-MODES = {"--supervised-samples": ["--supervised"], "--eval-samples": ["--eval", "--lora", "."]}
+MODES = {"--supervised-samples": ["--supervised"], "--eval-samples": ["--eval", "."]}
 
 
 def mode(name):  # a flag that only one mode reads is swept in that mode
@@ -1007,12 +1014,12 @@ BAD_INPUTS = [
     *[(["--seed", v], "--seed must be in [0, 2^63)") for v in ("-1", str(2**63))],
     # empty text, a folder where a file is expected and the reverse
     (["--prompt", "  "], "--prompt is empty"),
-    *[([f, ""], f"{f} is empty") for f in ("--model", "--out", "--lora")],
+    *[([f, ""], f"{f} is empty") for f in ("--model", "--out", "--eval")],
     (["--prompts", "", "--prompt", None], "--prompts is empty"),
     (["--prompts", ".", "--prompt", None], "cannot read prompts file .: Is a directory"),
     (["--prompts", "no-such-file.txt", "--prompt", None], "No such file or directory"),
-    (["--eval", "--lora", "test_dpok.py"], "no pytorch_lora_weights.safetensors"),
-    (["--eval", "--lora", "."], "no pytorch_lora_weights.safetensors"),
+    (["--eval", "test_dpok.py"], "no pytorch_lora_weights.safetensors"),
+    (["--eval", "."], "no pytorch_lora_weights.safetensors"),
     # flags that contradict each other, or that the mode would ignore
     (["--prompt", None], "exactly one of --prompt"),
     (["--prompts", "prompts.txt"], "exactly one of --prompt"),
@@ -1021,16 +1028,15 @@ BAD_INPUTS = [
     (["--supervised", "--ratio-clip", "0.1"], "--ratio-clip has no effect with --supervised"),
     (["--supervised", "--no-value"], "--no-value has no effect with --supervised"),
     (["--no-value", "--value-lr", "0.1"], "--value-lr has no effect with --no-value"),
-    (["--eval", "--lora", ".", "--iterations", "5"], "--iterations has no effect with --eval"),
-    (["--eval", "--lora", ".", "--supervised"], "--supervised has no effect with --eval"),
+    (["--eval", ".", "--iterations", "5"], "--iterations has no effect with --eval"),
+    (["--eval", ".", "--supervised"], "--supervised has no effect with --eval"),
     (["--supervised-samples", "5"], "--supervised-samples is only used with --supervised"),
     (["--eval-samples", "5"], "--eval-samples is only used with --eval"),
-    (["--eval"], "--eval needs --lora"),
-    (["--lora", "."], "--eval needs --lora"),
-    (["--eval", "--lora", ".", "--eval-samples", "1"], "--eval-samples must be at least 2"),
+    (["--eval"], "argument --eval: expected one argument"),
+    (["--eval", ".", "--eval-samples", "1"], "--eval-samples must be at least 2"),
     (["--batch-size", "400"], "exceeds --buffer-size"),
     # names that do not exist
-    (["--reward", "aesthetic-v2"], "unknown --reward 'aesthetic-v2'"),
+    (["--reward", "aesthetic-v2"], "--reward aesthetic-v2: unknown reward 'aesthetic-v2'"),
     (["--reward", "no-such-file.py:score"], "--reward no-such-file.py:score: no file no-such-file.py"),
     (["--reward", "rewards.py:no_such"], "--reward rewards.py:no_such: rewards.py has no function 'no_such'"),
     (["--reward", "no_such_module:score"], "No module named 'no_such_module'"),
@@ -1093,7 +1099,7 @@ OTHER_BAD_INPUTS = [  # OUT: a folder that must stay unwritten
     ("benchmark", ["--out", "OUT.json", "--device", "tpu"], "unknown --device 'tpu'"),
     ("benchmark", ["--out", "OUT.json", "--dtypes", "int8"], "argument --dtypes: invalid choice"),
     ("benchmark", ["--out", "."], "--out .: not a file that can be written"),
-    ("benchmark", ["--out", "OUT.json", "--sd15", "--sd2"], "give one of --sd15 and --sd2"),
+    ("benchmark", ["--out", "OUT.json", "--sd15", "--sd2"], "give one of --sd15, --sd2 and --sdxl"),
 ]
 
 
@@ -1214,7 +1220,7 @@ def test_non_finite_reward_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_p
     monkeypatch.setitem(shapes.REWARDS, "shapes", poisoned)
     out = tmp_path / "run"
     assert dpok.main([*SHORT, "--iterations", "10", "--out", str(out)]) == 1
-    assert "non-finite reward (nan) at iteration 4" in capsys.readouterr().err
+    assert "non-finite reward (nan); stopped" in capsys.readouterr().err
     assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 3
     assert len(numbers(out / "metrics.jsonl")) == 4  # iterations 0..3, nothing of the bad one
 
@@ -1305,13 +1311,13 @@ def test_supervised_weights_are_min_max_normalised_rewards():
 def test_supervised_loss_is_weighted_denoising_plus_offline_kl(tiny, prediction):
     """At the pretrained point the KL term is 0 and the loss is alpha * w * denoising error; a
     v-prediction model's error is in the eps it implies: a_t times its error in v."""
-    pipe, _, cond, _, _ = tiny
+    pipe, _, text, _ = tiny
     args = tiny_args("--supervised", out="unused")
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
     batch = dict(latents=torch.randn(3, 4, 8, 8), prompt_index=torch.zeros(3, dtype=torch.long),
                  reward=torch.tensor([0.0, 0.5, 1.0]))
     with torch.no_grad():
-        loss, stats = dpok.supervised_loss(pipe.unet, scheduler, batch, cond, args,
+        loss, stats = dpok.supervised_loss(pipe.unet, scheduler, batch, text, args,
                                            torch.Generator().manual_seed(0))
     assert stats["kl"] == 0 and stats["denoise"] > 0
     gen = torch.Generator().manual_seed(0)  # the same noise and timesteps, by hand
@@ -1320,7 +1326,7 @@ def test_supervised_loss_is_weighted_denoising_plus_offline_kl(tiny, prediction)
     a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * batch["latents"] + (1 - a).sqrt() * noise
     with torch.no_grad():
-        output = pipe.unet(x_t, t, encoder_hidden_states=cond.expand(3, -1, -1)).sample
+        output = pipe.unet(x_t, t, text["encoder_hidden_states"][[0, 0, 0]]).sample
     if prediction == "epsilon":
         error = (noise - output) ** 2
     else:
@@ -1352,7 +1358,7 @@ def test_dpok_ends_above_the_supervised_baseline_at_equal_reward_queries(runs, s
 @slow
 def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path, capsys):
     _, run = runs["default"]
-    argv = ["--tiny", "--prompt", PROMPT, "--eval", "--lora", str(run), "--eval-samples", "32",
+    argv = ["--tiny", "--prompt", PROMPT, "--eval", str(run), "--eval-samples", "32",
             "--out", str(tmp_path / "eval")]
     assert dpok.main(argv) == 0
     result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
@@ -1369,7 +1375,7 @@ def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path
     pipe = dpok.load_pipeline(tiny_args(out="unused"))
     dpok.add_lora(pipe.unet, 4)
     dpok.save_lora(pipe.unet, str(untouched))
-    assert dpok.main([*argv[:4], "--lora", str(untouched), *argv[6:]]) == 0
+    assert dpok.main([*argv[:4], str(untouched), *argv[5:]]) == 0
     result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
     assert result["reward_finetuned"] == result["reward_pretrained"] and result["kl_bound"] == 0
 
@@ -1381,7 +1387,7 @@ def test_eval_of_a_prompts_file_writes_each_prompt_and_their_mean(runs, tmp_path
     _, run = runs["default"]
     prompts = [PROMPT, "two red circles", "one blue triangle"]
     (tmp_path / "group.txt").write_text("\n".join(prompts) + "\n")
-    assert dpok.main(["--tiny", "--prompts", str(tmp_path / "group.txt"), "--eval", "--lora", str(run),
+    assert dpok.main(["--tiny", "--prompts", str(tmp_path / "group.txt"), "--eval", str(run),
                       "--eval-samples", "4", "--out", str(tmp_path / "eval")]) == 0
     evaluation = json.load(open(tmp_path / "eval" / "eval.json"))
     rows, mean = evaluation["results"], evaluation["mean"]
@@ -1527,7 +1533,7 @@ def test_sd15_architecture_trains_and_evaluates_through_the_model_path(sd15, dty
         assert torch.equal(loaded[name.replace(".default", "")], weight.float()), name
     assert any(w.abs().max() > 0 for n, w in saved.items() if "lora_B" in n)  # it trained
     if dtype == "float32":  # and it evaluates through the same path (once: bfloat16 adds only time)
-        assert dpok.main([*SD15, "--model", str(sd15), "--eval", "--lora", str(out), "--eval-samples",
+        assert dpok.main([*SD15, "--model", str(sd15), "--eval", str(out), "--eval-samples",
                           "2", "--out", str(tmp_path / "eval")]) == 0
         result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
         assert result["kl_bound"] > 0 and (tmp_path / "eval" / "eval.png").exists()
@@ -1541,12 +1547,12 @@ def test_sd2_architecture_with_v_prediction_trains_and_evaluates_through_the_mod
     pipeline, and the run evaluates."""
     model, out = tmp_path / "model", tmp_path / "run"
     pipe = architectures.sd2_pipeline(sample_size=8)
-    cond, uncond, pooled = dpok.encode_prompts(pipe, [SD15[1]])
+    text, pooled = dpok.encode_prompts(pipe, [SD15[1]])
     ref_cond, ref_uncond = pipe.encode_prompt(SD15[1], "cpu", 1, True, negative_prompt="")
-    assert torch.equal(cond, ref_cond) and torch.equal(uncond, ref_uncond)
+    assert torch.equal(text["encoder_hidden_states"], torch.cat([ref_cond, ref_uncond]))
     ids = pipe.tokenizer(SD15[1], padding="max_length", return_tensors="pt").input_ids[0]
     end = (ids == pipe.tokenizer.eos_token_id).nonzero()[0, 0]  # then "!" (id 0) to the end
-    assert ids[end + 1:].eq(0).all() and torch.equal(pooled[0], cond[0, end])
+    assert ids[end + 1:].eq(0).all() and torch.equal(pooled[0], text["encoder_hidden_states"][0, end])
     pipe.to(dtype=torch.float16).save_pretrained(model)
     argv = [*SD15, "--model", str(model), "--iterations", "1", "--policy-steps", "1", "--grad-accum",
             "1", "--batch-size", "4", "--buffer-size", "12", "--value-batch-size", "6", "--lr", "1e-3",
@@ -1561,9 +1567,60 @@ def test_sd2_architecture_with_v_prediction_trains_and_evaluates_through_the_mod
     pipe.load_lora_weights(str(out))
     saved = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
     assert any(w.abs().max() > 0 for n, w in saved.items() if "lora_B" in n)  # it trained
-    assert dpok.main([*SD15, "--model", str(model), "--eval", "--lora", str(out), "--eval-samples",
+    assert dpok.main([*SD15, "--model", str(model), "--eval", str(out), "--eval-samples",
                       "2", "--out", str(tmp_path / "eval")]) == 0
     assert json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]["kl_bound"] > 0
+
+
+@slow
+def test_sdxl_architecture_trains_and_evaluates_through_the_model_path(tmp_path, capsys):
+    """SDXL base's structure and conditioning (two text encoders, pooled embedding and size ids
+    added to the time embedding; a narrower, shallower UNet and text towers, see architectures.py):
+    the prompt encoding is the pipeline's own, the rollout is the SDXL pipeline's own call for the
+    same noise, the first update's ratio is exactly 1, the LoRA loads back into the SDXL pipeline
+    weight for weight, and the run evaluates; the supervised baseline trains on it too."""
+    from diffusers import StableDiffusionXLPipeline
+    model, out = tmp_path / "model", tmp_path / "run"
+    pipe = architectures.sdxl_pipeline(sample_size=8)
+    text, pooled = dpok.encode_prompts(pipe, [SD15[1], "a red car"])
+    states, empty, ref_pooled, empty_pooled = pipe.encode_prompt([SD15[1], "a red car"], device="cpu")
+    assert torch.equal(pooled, ref_pooled) and states.shape[2] == 768 + 1280
+    assert torch.equal(text["encoder_hidden_states"], torch.cat([states, empty[:1]]))  # then the empty
+    assert torch.equal(text["text_embeds"], torch.cat([pooled, empty_pooled[:1]]))  # prompt's row
+    assert empty.abs().max() == empty_pooled.abs().max() == 0  # SDXL's empty prompt: zeros
+    # the size ids of the 64 px samples (original size, crop corner, target size): the pipeline's
+    ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32, 1280)
+    assert torch.equal(text["time_ids"], ids.expand(3, -1))
+    args = dpok.parse_args(["--prompt", SD15[1], "--steps", "3", "--guidance", "5", "--device", "cpu"])
+    pipe.scheduler = dpok.ddim_scheduler(pipe.scheduler.config, args.steps)
+    _, ours = dpok.rollout(pipe, text, torch.zeros(2, dtype=torch.long), args,
+                           torch.Generator().manual_seed(7))
+    ref = pipe(SD15[1], num_images_per_prompt=2, num_inference_steps=args.steps, guidance_scale=5.0,
+               eta=1.0, output_type="pt", generator=torch.Generator().manual_seed(7)).images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    pipe.to(dtype=torch.float16).save_pretrained(model)
+    argv = [*SD15, "--model", str(model), "--iterations", "1", "--policy-steps", "1", "--grad-accum",
+            "1", "--batch-size", "4", "--buffer-size", "12", "--value-batch-size", "6", "--lr", "1e-3"]
+    assert dpok.main([*argv, "--out", str(out)]) == 0
+    assert "1120 LoRA tensors" in capsys.readouterr().err  # every attention projection of 70 blocks
+    first = numbers(out / "metrics.jsonl")[0]
+    assert first["ratio"] == 1.0 and first["clipfrac"] == 0 and first["grad_norm"] > 0, first
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(out))
+    from peft.utils import get_peft_model_state_dict
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_list_adapters()["unet"][0])
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
+    assert len(loaded) == len(saved) == 1120
+    for name, weight in saved.items():
+        assert torch.equal(loaded[name.replace(".default", "")], weight.float()), name
+    assert any(w.abs().max() > 0 for n, w in saved.items() if "lora_B" in n)  # it trained
+    assert dpok.main([*SD15, "--model", str(model), "--eval", str(out), "--eval-samples",
+                      "2", "--out", str(tmp_path / "eval")]) == 0
+    assert json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]["kl_bound"] > 0
+    supervised = [a for a in argv if a not in ("--buffer-size", "12", "--value-batch-size", "6")]
+    assert dpok.main([*supervised, "--supervised", "--supervised-samples", "2",
+                      "--out", str(tmp_path / "supervised")]) == 0
+    assert numbers(tmp_path / "supervised" / "metrics.jsonl")[0]["grad_norm"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1590,9 +1647,9 @@ def policy_update_on_rank(rank, port, out):
     torch.distributed.init_process_group("gloo")
     args = tiny_args("--kl-beta", "0.5", out="unused")
     run = dpok.setup(args, [PROMPT])
-    batch = fake_batch(run.pipe, run.cond, run.uncond, args, 24, seed=10 + rank)  # its own batch
+    batch = fake_batch(run.pipe, run.text, args, 24, seed=10 + rank)  # its own batch
     stats = dpok.update(run, batch, lambda m: dpok.policy_loss(
-        run.pipe.unet, run.pipe.scheduler, m, run.cond, run.uncond, args), args)
+        run.pipe.unet, run.pipe.scheduler, m, run.text, args), args)
     torch.save(dict(batch=batch, stats=stats, grads=lora_grads(run.params),
                     lora=[p.detach().clone() for p in run.params]), os.path.join(out, f"{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -1608,7 +1665,7 @@ def test_two_ranks_take_one_process_update_on_the_union_of_their_batches(tmp_pat
         run = dpok.setup(args, [PROMPT])
         run.pipe.scheduler.set_timesteps(args.steps)  # as the ranks' rollouts left it
         stats = dpok.update(run, batch, lambda m: dpok.policy_loss(
-            run.pipe.unet, run.pipe.scheduler, m, run.cond, run.uncond, args), args)
+            run.pipe.unet, run.pipe.scheduler, m, run.text, args), args)
         return stats, lora_grads(run.params)
 
     union = {k: torch.cat([r["batch"][k] for r in ranks]) for k in ranks[0]["batch"]}
@@ -1627,7 +1684,7 @@ def test_two_ranks_take_one_process_update_on_the_union_of_their_batches(tmp_pat
 def prompts_on_rank(rank, port, out):
     join_two_ranks(rank, port)
     torch.distributed.init_process_group("gloo")
-    run = SimpleNamespace(prompts=list("abcdefg"), prompt_queue=[], cond=torch.zeros(1),
+    run = SimpleNamespace(prompts=list("abcdefg"), prompt_queue=[], text_features=torch.zeros(1),
                           generator=torch.Generator().manual_seed(rank))  # seeded per rank
     torch.save([dpok.next_prompts(run, 3).tolist() for _ in range(2)], os.path.join(out, f"{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -1709,7 +1766,7 @@ def poisoned_rank(rank, port, out):
 def test_non_finite_reward_on_one_rank_stops_every_rank_with_exit_1(tmp_path):
     torch.multiprocessing.spawn(poisoned_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     assert [(tmp_path / f"code{r}").read_text() for r in range(2)] == ["1", "1"]
-    assert "non-finite reward (nan) at iteration 2" in (tmp_path / "err0").read_text()
+    assert "non-finite reward (nan); stopped" in (tmp_path / "err0").read_text()
     assert "non-finite" not in (tmp_path / "err1").read_text()  # said once, by rank 0
     assert len(numbers(tmp_path / "run" / "metrics.jsonl")) == 2  # nothing of the bad iteration
 
@@ -1723,7 +1780,7 @@ def test_supervised_runs_under_torchrun_and_eval_refuses_it(tmp_path, capsys, mo
     assert "supervised data: 16 images" in err  # 8 per rank, normalised over both ranks' rewards
     assert len(numbers(out / "metrics.jsonl")) == 2
     monkeypatch.setenv("LOCAL_RANK", "0")  # what torchrun sets
-    assert dpok.main([*SHORT[:3], "--eval", "--lora", str(out), "--out", str(tmp_path / "e")]) == 2
+    assert dpok.main([*SHORT[:3], "--eval", str(out), "--out", str(tmp_path / "e")]) == 2
     assert "--eval runs in one process" in capsys.readouterr().err
 
 
