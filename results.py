@@ -60,8 +60,10 @@ SUPERVISED_GRID = [(lr, gamma) for lr in ("3e-5", "1e-4", "3e-4") for gamma in (
 # times the single-prompt ratio) at the tiny reward_alpha of 10; 16 captions, one each per iteration.
 MULTI_BETA = "0.001"
 # The experiments below the quick start's were made with the official advantage r - V (before the
-# centring of dpok.py's deviation 10); they keep it, so that their numbers stay what they are.
-OFFICIAL = ["--official-advantage"]
+# centring of dpok.py's deviation 10) and the --tiny learning rate then, 3e-4: they keep both, so
+# that their numbers stay what they are.
+EARLIER_LR = ["--lr", "3e-4"]
+OFFICIAL = ["--official-advantage", *EARLIER_LR]
 
 
 def results_runs(seeds, horizon=300, out=None, quick_seeds=range(10)):
@@ -71,11 +73,13 @@ def results_runs(seeds, horizon=300, out=None, quick_seeds=range(10)):
     so that an interrupted command has whole seeds done. Once the baseline's calibration is
     evaluated in `out`, its best setting joins at the other seeds and on the multi-prompt task."""
     runs, half = {}, max(1, horizon // 2)
+    quick = min(shapes.TINY_DEFAULTS["iterations"], half)  # the quick start's length (reduced: less)
     for seed in map(str, quick_seeds):  # the quick start's command, its defaults alone
-        runs[f"quick_s{seed}"] = dict(reward="shapes", flags=["--seed", seed], evals=[half])
-    for seed in map(str, quick_seeds):  # the same at the --tiny default before it (beta 0.01)
-        runs[f"quick_b0.01_s{seed}"] = dict(reward="shapes", flags=["--kl-beta", "0.01", "--seed", seed],
-                                            evals=[half])
+        runs[f"quick_s{seed}"] = dict(reward="shapes", flags=["--seed", seed], evals=[quick])
+    for seed in map(str, quick_seeds):  # the --tiny defaults before it: lr 3e-4, 150 iterations,
+        for name, beta in (("quick_lr3e-4", "0.03"), ("quick_b0.01", "0.01")):  # beta 0.03 or 0.01
+            runs[f"{name}_s{seed}"] = dict(reward="shapes", evals=[half],
+                                           flags=["--kl-beta", beta, *EARLIER_LR, "--seed", seed])
     for seed in map(str, seeds):  # over-optimisation: the learned reward, evaluated along training
         for beta in BETAS:
             runs[f"learned_b{beta}_s{seed}"] = dict(
@@ -202,7 +206,7 @@ def results_tables(out, runs):
             with open(path) as f:
                 row = dict(json.load(f)["results"][0], folder=folder)
             with open(os.path.join(out, name, "metrics.jsonl")) as f:  # training speed, rounding gap
-                metrics = [json.loads(line) for line in f]
+                metrics = [m for m in map(json.loads, f) if m["iteration"] < k]  # up to this eval
             row.update(seconds=sorted(m["seconds"] for m in metrics)[len(metrics) // 2],
                        max_rescore_gap=max(m.get("max_rescore_gap", 0.0) for m in metrics),
                        seed=name.rsplit("_s", 1)[1],  # the reward's spread at the end: near 0, collapsed
@@ -290,14 +294,16 @@ def collapse_signs(row):
                                      ("spread", row["last_spread"] < 0.1)) if shown]
 
 
-QUICK = {"quick": "default: centred, β 0.03", "quick_b0.01": "centred, β 0.01",
-         "shapes_b0.01": "official r − V, β 0.01"}  # the quick start's recipes, by run
+QUICK = {"quick": "default: centred, β 0.03, lr 6e-4, 120 its",  # the quick start's recipes, by run
+         "quick_lr3e-4": "centred, β 0.03, lr 3e-4, 150 its", "quick_b0.01": "centred, β 0.01, lr 3e-4, 150 its",
+         "shapes_b0.01": "official r − V, β 0.01, lr 3e-4, 150 its"}
 
 
 def quick_start_table(evals):
-    """Every seed of the quick start's command (its defaults, `quick`), of the same at the
-    previous default beta 0.01 (`quick_b0.01`) and with the official advantage (`shapes_b0.01`),
-    each in a row; then each one's median gain and collapses."""
+    """Every seed of the quick start's command (its defaults, `quick`), of the earlier defaults
+    (learning rate 3e-4 for 150 iterations at beta 0.03, `quick_lr3e-4`, or 0.01, `quick_b0.01`)
+    and with the official advantage (`shapes_b0.01`), each in a row; then each one's median gain
+    and collapses."""
     groups = {run: sorted(rows, key=lambda r: int(r["seed"])) for run in QUICK
               for (name, _), rows in evals.items() if name == run}
     if not groups:
@@ -325,7 +331,7 @@ def collapse_figure(out, runs, seed="2", drift="8"):
     """What a collapse looks like from inside, per iteration: the official advantage's training
     seed 2, which collapses, against the same seed with the centred advantage (another seed that
     has both, in a reduced Results); seed 8, which drifts at beta 0.01 centred, against the same
-    seed at the default beta 0.03; the default's other seeds in the background."""
+    seed at beta 0.03; the other seeds at beta 0.03 in the background (all at lr 3e-4)."""
     from matplotlib.figure import Figure
 
     curves = {}
@@ -339,7 +345,7 @@ def collapse_figure(out, runs, seed="2", drift="8"):
     if not both:
         return
     seed = both[0]
-    curves = {name: c for name, c in curves.items() if name.startswith("quick_s") or name in (
+    curves = {name: c for name, c in curves.items() if name.startswith("quick_lr3e-4_s") or name in (
         f"shapes_b0.01_s{seed}", f"quick_b0.01_s{seed}", f"quick_b0.01_s{drift}")}
     keys = (("reward_mean", "reward\n(10-iteration mean)"), ("reward_std", "reward spread\nof the samples"),
             ("advantage", "mean advantage\nof the updates"), ("kl", "KL regulariser"),
@@ -347,7 +353,7 @@ def collapse_figure(out, runs, seed="2", drift="8"):
     style = {f"shapes_b0.01_s{seed}": dict(color="C3", lw=2, label=f"seed {seed}, official r − V, β 0.01"),
              f"quick_b0.01_s{seed}": dict(color="C0", lw=2, label=f"seed {seed}, centred, β 0.01"),
              f"quick_b0.01_s{drift}": dict(color="C1", lw=2, label=f"seed {drift}, centred, β 0.01"),
-             f"quick_s{drift}": dict(color="C2", lw=2, label=f"seed {drift}, centred, β 0.03 (default)")}
+             f"quick_lr3e-4_s{drift}": dict(color="C2", lw=2, label=f"seed {drift}, centred, β 0.03")}
     figure = Figure(figsize=(7, 11))
     for ax, (key, label) in zip(figure.subplots(len(keys), 1, sharex=True), keys):
         for name, metrics in curves.items():

@@ -22,9 +22,10 @@ from architectures import clip_text_model, clip_tokenizer, sd_pipeline
 TINY_DEFAULTS = dict(
     model=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-shapes"),
     reward="shapes", steps=20, guidance=4.0, samples_per_iter=16, buffer_size=640,
-    policy_steps=2, grad_accum=2, batch_size=32, lr=3e-4, ratio_clip=0.2, reward_alpha=10.0,
+    policy_steps=2, grad_accum=2, batch_size=32, ratio_clip=0.2, reward_alpha=10.0,
     kl_beta=0.03,  # the paper's 0.01 let one training seed in ten drift off (RESULTS.md, Stability)
-    value_steps=10, value_batch_size=128, value_lr=1e-3, iterations=150, save_every=25,
+    lr=6e-4, iterations=120,  # twice the rate for fewer iterations: more gain, less drift (ibid.)
+    value_steps=10, value_batch_size=128, value_lr=1e-3, save_every=25,
     supervised_samples=1600, eval_samples=64,
 )
 
