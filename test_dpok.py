@@ -839,7 +839,7 @@ def test_every_caption_word_is_one_token_of_the_shipped_tokenizer(tiny):
 def test_shipped_model_draws_the_captions_colours_cleanly(tiny):
     """The pretrained shapes world still behaves (measured over all 36 captions x 32 seeds:
     colour 0.95, count 0.80, shape 0.70, exact 0.47, clean 0.96)."""
-    pipe, _, _, _, args = tiny
+    pipe, _, _, args = tiny
     captions = ["one red circle", "two blue triangles", "three yellow squares", "two green circles"]
     text, _ = dpok.encode_prompts(pipe, captions)
     args = dataclasses.replace(args, steps=20)
