@@ -1498,6 +1498,21 @@ SD15 = ["--prompt", "A green colored rabbit", "--reward", "compressibility", "--
         "--samples-per-iter", "2", "--device", "cpu"]
 
 
+def loads_back_weight_for_weight(pipeline_class, model, out):
+    """The run's LoRA loads into diffusers' own pipeline of its family, each weight the one the
+    checkpoint holds, and it trained (some B moved off 0); returns the loaded tensors."""
+    from peft.utils import get_peft_model_state_dict
+    pipe = pipeline_class.from_pretrained(model, torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(out))
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_list_adapters()["unet"][0])
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
+    assert len(loaded) == len(saved)
+    for name, weight in saved.items():
+        assert torch.equal(loaded[name.replace(".default", "")], weight.float()), name
+    assert any(w.abs().max() > 0 for n, w in saved.items() if "lora_B" in n)
+    return loaded
+
+
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd15") / "model"
@@ -1524,17 +1539,8 @@ def test_sd15_architecture_trains_and_evaluates_through_the_model_path(sd15, dty
     # The first update's policy is the one that sampled: every ratio exactly 1, whatever the
     # kernels do at either shape, so the official clip clips none
     assert first["ratio"] == 1.0 and first["clipfrac"] == 0 and first["grad_norm"] > 0, first
-    # the LoRA loads back into diffusers' own pipeline, weight for weight
-    pipe = StableDiffusionPipeline.from_pretrained(sd15, torch_dtype=torch.float32)
-    pipe.load_lora_weights(str(out))
-    from peft.utils import get_peft_model_state_dict
-    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_list_adapters()["unet"][0])
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
-    assert len(loaded) == len(saved) == 256
-    assert sum(v.numel() for v in loaded.values()) == 797_184
-    for name, weight in saved.items():
-        assert torch.equal(loaded[name.replace(".default", "")], weight.float()), name
-    assert any(w.abs().max() > 0 for n, w in saved.items() if "lora_B" in n)  # it trained
+    loaded = loads_back_weight_for_weight(StableDiffusionPipeline, sd15, out)
+    assert len(loaded) == 256 and sum(v.numel() for v in loaded.values()) == 797_184
     if dtype == "float32":  # and it evaluates through the same path (once: bfloat16 adds only time)
         assert dpok.main([*SD15, "--model", str(sd15), "--eval", str(out), "--eval-samples",
                           "2", "--out", str(tmp_path / "eval")]) == 0
@@ -1565,11 +1571,8 @@ def test_sd2_architecture_with_v_prediction_trains_and_evaluates_through_the_mod
     assert "256 LoRA tensors (829,952 weights)" in capsys.readouterr().err
     first = numbers(out / "metrics.jsonl")[0]
     assert first["ratio"] == 1.0 and first["clipfrac"] == 0 and first["grad_norm"] > 0, first
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
-    pipe.load_lora_weights(str(out))
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
-    assert any(w.abs().max() > 0 for n, w in saved.items() if "lora_B" in n)  # it trained
+    assert DDIMScheduler.load_config(model, subfolder="scheduler")["prediction_type"] == "v_prediction"
+    assert len(loads_back_weight_for_weight(StableDiffusionPipeline, model, out)) == 256
     assert dpok.main([*SD15, "--model", str(model), "--eval", str(out), "--eval-samples",
                       "2", "--out", str(tmp_path / "eval")]) == 0
     assert json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]["kl_bound"] > 0
@@ -1608,15 +1611,7 @@ def test_sdxl_architecture_trains_and_evaluates_through_the_model_path(tmp_path,
     assert "1120 LoRA tensors" in capsys.readouterr().err  # every attention projection of 70 blocks
     first = numbers(out / "metrics.jsonl")[0]
     assert first["ratio"] == 1.0 and first["clipfrac"] == 0 and first["grad_norm"] > 0, first
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32)
-    pipe.load_lora_weights(str(out))
-    from peft.utils import get_peft_model_state_dict
-    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_list_adapters()["unet"][0])
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)["lora"]
-    assert len(loaded) == len(saved) == 1120
-    for name, weight in saved.items():
-        assert torch.equal(loaded[name.replace(".default", "")], weight.float()), name
-    assert any(w.abs().max() > 0 for n, w in saved.items() if "lora_B" in n)  # it trained
+    assert len(loads_back_weight_for_weight(StableDiffusionXLPipeline, model, out)) == 1120
     assert dpok.main([*SD15, "--model", str(model), "--eval", str(out), "--eval-samples",
                       "2", "--out", str(tmp_path / "eval")]) == 0
     assert json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]["kl_bound"] > 0
