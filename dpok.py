@@ -156,9 +156,9 @@ def encode_prompts(pipe, prompts):
     if isinstance(pipe, StableDiffusionXLPipeline):
         states, empty, pooled, empty_pooled = pipe.encode_prompt(prompts, device=pipe.device)
         side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=states.dtype, device=pipe.device)
-        return dict(encoder_hidden_states=torch.cat([states, empty[:1]]), time_ids=ids.expand(
-            len(prompts) + 1, -1), text_embeds=torch.cat([pooled, empty_pooled[:1]])), pooled
+        ids = torch.tensor([[side, side, 0, 0, side, side]] * (len(prompts) + 1), device=pipe.device)
+        return dict(encoder_hidden_states=torch.cat([states, empty[:1]]), time_ids=ids.to(states.dtype),
+                    text_embeds=torch.cat([pooled, empty_pooled[:1]])), pooled
     ids = pipe.tokenizer([*prompts, ""], padding="max_length", truncation=True, return_tensors="pt",
                          max_length=pipe.tokenizer.model_max_length).input_ids
     out = pipe.text_encoder(ids.to(pipe.device))
@@ -675,7 +675,7 @@ def save_checkpoint(run, args, iteration):
             save_lora(run.pipe.unet, args.out)
         except OSError as e:  # disk full, folder removed: the previous checkpoint is still whole
             error = str(e)
-    if all_gather(torch.tensor([float(error is not None)], device=run.text_features.device)).any():
+    if all_gather(torch.tensor([float(error is not None)], device=args.device)).any():
         raise TrainingStopped(f"cannot write the checkpoint in {args.out} ({error}); the "
                               "previous one is intact", 1)
 
