@@ -95,7 +95,7 @@ class Args:
     eval: str = opt(None, "no training: compare the LoRA in this folder with the pretrained model")
     eval_samples: int = opt(50, "images per prompt for --eval (paper: 50 single, 30 multi-prompt)")
     device: str = opt(None, "cpu | cuda | cuda:N; default cuda if available")
-    dtype: str = opt(None, "default bfloat16 on GPU, float32 on CPU", ["float32", "bfloat16", "float16"])
+    dtype: str = opt(None, "default float16 on GPU, float32 on CPU", ["float32", "bfloat16", "float16"])
 
 
 # ---- Models: Stable Diffusion (or the shapes world's tiny model) via diffusers, LoRA on the UNet
@@ -129,8 +129,8 @@ def load_pipeline(args):
             f"`huggingface-cli download {args.model}` while online, or run offline with --tiny")
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise UsageError(f"{args.model} holds a {type(pipe).__name__}, not Stable Diffusion 1, 2 or XL")
-    if args.dtype == "float16" and pipe.vae.config.get("force_upcast"):  # SDXL's VAE overflows
-        pipe.vae.to(torch.float32)
+    if args.dtype == "float16" and pipe.vae.config.force_upcast and hasattr(pipe, "text_encoder_2"):
+        pipe.vae.to(torch.float32)  # as SDXL's pipeline does (its VAE overflows); SD 1/2's stays
     return pipe.to(args.device)  # add_lora freezes the UNet; the rest only ever runs without grad
 
 
@@ -951,7 +951,7 @@ def check_args(args, given):
         bad(f"--device {args.device} asked for, but this machine has {torch.cuda.device_count()} "
             "CUDA GPU(s); use --device cpu")
     if args.dtype is None:
-        args.dtype = "float32" if gpu is None else "bfloat16"  # official: float16 (deviation 6)
+        args.dtype = "float32" if gpu is None else "float16"  # official; bfloat16 rounds past the clip
 
 
 def read_prompts(args):
