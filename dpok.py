@@ -684,8 +684,8 @@ def watch(history, run, args, window=10):
     """Rank 0, after every iteration. Keeps in --out/best the LoRA of the best mean reward over
     `window` iterations so far (one iteration's samples are too few to choose by). Says once what
     went wrong: rounding beyond the ratio clip (deviation 6); a collapse, when the last window's
-    samples all scored alike (no spread left to learn from) or their mean fell below the best, or
-    the pretrained model's, by the spread of the pretrained model's samples (iteration 0's)."""
+    samples scored nearly alike (mean spread under a tenth of iteration 0's; healthy runs keep over
+    half) or their mean fell below the best, or the pretrained model's, by iteration 0's spread."""
     notes, gap = {}, history[-1].get("max_rescore_gap", 0)
     if gap > args.ratio_clip:
         notes["rounding"] = (
@@ -699,11 +699,11 @@ def watch(history, run, args, window=10):
                 os.makedirs(os.path.join(args.out, "best"), exist_ok=True)
                 save_lora(run.pipe.unet, os.path.join(args.out, "best"))
         best, spread = max(means.max().item(), history[0]["reward_mean"]), history[0]["reward_std"]
-        alike = max(m["reward_std"] for m in history[-window:]) < 0.01 * spread
+        alike = sum(m["reward_std"] for m in history[-window:]) / window < 0.1 * spread
         if spread > 0 and (alike or means[-1] < best - spread):  # one image: no spread to judge by
             notes["collapse"] = (
                 f"warning: the run looks collapsed at iteration {history[-1]['iteration']}: "
-                + (f"for {window} iterations its samples all scored alike" if alike else
+                + (f"for {window} iterations its samples scored nearly alike" if alike else
                    f"the mean reward of {window} iterations fell to {means[-1]:.3f} from "
                    f"{best:.3f}") + "; try a larger --kl-beta or a smaller --lr. The LoRA "
                 f"of the best {window}-iteration mean reward is in {args.out}/best")
