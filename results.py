@@ -53,6 +53,9 @@ def breakdown(folder, quiet=False):
 
 RESULTS_PROMPT = "three green squares"  # the caption whose count the pretrained model gets most wrong
 BETAS = ("0", "0.01", "0.1", "1")
+# The over-optimisation experiment on each prompt: run-name prefix -> (prompt, the betas it runs).
+# The second prompt, a colour no run had been tuned on, checks which readings hold beyond the first.
+OVEROPTIMISATION = {"learned": (RESULTS_PROMPT, BETAS), "blue_learned": ("three blue squares", ("0", "0.1"))}
 # The supervised baseline's own calibration (learning rate, gamma = its KL weight; the paper
 # swept gamma over 0.1-5 and ran it at twice the RL learning rate), at the first seed.
 SUPERVISED_GRID = [(lr, gamma) for lr in ("3e-5", "1e-4", "3e-4") for gamma in ("0.1", "1", "5")]
@@ -80,11 +83,13 @@ def results_runs(seeds, horizon=300, out=None, quick_seeds=range(10)):
         for name, beta in (("quick_lr3e-4", "0.03"), ("quick_b0.01", "0.01")):  # beta 0.03 or 0.01
             runs[f"{name}_s{seed}"] = dict(reward="shapes", evals=[half],
                                            flags=["--kl-beta", beta, *EARLIER_LR, "--seed", seed])
-    for seed in map(str, seeds):  # over-optimisation: the learned reward, evaluated along training
-        for beta in BETAS:
-            runs[f"learned_b{beta}_s{seed}"] = dict(
-                reward="shapes-learned", flags=["--kl-beta", beta, "--seed", seed, *OFFICIAL],
-                evals=sorted({max(1, horizon * k // 4) for k in (1, 2, 3, 4)}))
+    for prefix, (prompt, betas) in OVEROPTIMISATION.items():  # the learned reward, evaluated
+        for seed in map(str, seeds):  # along training
+            for beta in betas:
+                runs[f"{prefix}_b{beta}_s{seed}"] = dict(
+                    reward="shapes-learned", prompt=["--prompt", prompt],
+                    flags=["--kl-beta", beta, "--seed", seed, *OFFICIAL],
+                    evals=sorted({max(1, horizon * k // 4) for k in (1, 2, 3, 4)}))
     for seed in map(str, seeds):  # DPOK vs supervised on the analyser, at equal reward queries
         for beta in BETAS[:3]:
             runs[f"shapes_b{beta}_s{seed}"] = dict(
@@ -142,7 +147,7 @@ def run_experiment(folder, spec, eval_samples, threads):
     dpok = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpok.py"),
             "--tiny", "--reward", spec["reward"]]
     groups = {group: ["--prompts", path] for group, path in spec.get("groups", {}).items()}
-    groups = groups or {"": ["--prompt", RESULTS_PROMPT]}
+    groups = groups or {"": spec.get("prompt", ["--prompt", RESULTS_PROMPT])}  # its own prompt
     # on the 36 captions of the groups a quarter of the single prompt's seeds each (64: 16)
     samples = str(max(2, eval_samples // 4) if spec.get("groups") else eval_samples)
     with open(folder + ".log", "a") as log:
@@ -211,9 +216,9 @@ def results_tables(out, runs):
                        max_rescore_gap=max(m.get("max_rescore_gap", 0.0) for m in metrics),
                        seed=name.rsplit("_s", 1)[1],  # the reward's spread at the end: near 0, collapsed
                        last_spread=sum(m["reward_std"] for m in metrics[-10:]) / len(metrics[-10:]))
-            analysed = breakdown(folder, quiet=True)
+            analysed, prompt = breakdown(folder, quiet=True), row["prompt"]
             for when in ("pretrained", "finetuned"):
-                row.update({f"{key}_{when}": v for key, v in analysed[RESULTS_PROMPT, when].items()})
+                row.update({f"{key}_{when}": v for key, v in analysed[prompt, when].items()})
             evals.setdefault((name.rsplit("_s", 1)[0], k), []).append(row)
 
     def cell(rows, key):  # one seed: no spread to show
@@ -224,11 +229,11 @@ def results_tables(out, runs):
 
     last = {run: max(k for r, k in evals if r == run) for run, _ in evals}
     tables = {}
+    learned = [("learned reward gain", "reward_gain"), ("judge gain", "judge_gain"), ("exact (gold)", "exact_finetuned"),
+               ("count", "count_finetuned"), ("objects found", "objects_finetuned"),
+               ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]
     for title, kinds, keys in (
-            ("Over-optimisation: DPOK with the learned reward", ("learned_b",), [
-                ("learned reward gain", "reward_gain"), ("judge gain", "judge_gain"),
-                ("count", "count_finetuned"), ("objects found", "objects_finetuned"),
-                ("exact", "exact_finetuned"), ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]),
+            *[(overoptimisation_title(prefix), (f"{prefix}_b",), learned) for prefix in OVEROPTIMISATION],
             ("DPOK and supervised with the analyser's reward", (*[f"shapes_b{beta}" for beta in BETAS[:3]], "supervised"), [
                 ("alignment gain", "reward_gain"), ("count", "count_finetuned"), ("exact", "exact_finetuned"),
                 ("fidelity", "fidelity_finetuned"), ("KL bound", "kl_bound")]),
@@ -279,11 +284,22 @@ def results_tables(out, runs):
     value_figure(out, runs)
     multi_prompt_figure(out, runs)
     collapse_figure(out, runs)
-    if any(run.startswith("learned") for run, _ in evals):
-        hack_table({run: [r["folder"] for r in rows] for run, rows in tables[
-            "Over-optimisation: DPOK with the learned reward"].items()})
-        overoptimisation_figure(out, evals)
+    for prefix, (prompt, betas) in OVEROPTIMISATION.items():
+        if overoptimisation_title(prefix) in tables:
+            hack_table({run: [r["folder"] for r in rows] for run, rows in tables[
+                overoptimisation_title(prefix)].items()}, prompt)
+            overoptimisation_figure(out, evals, prefix)
     return tables
+
+
+def overoptimisation_title(prefix):
+    prompt = OVEROPTIMISATION[prefix][0]
+    return "Over-optimisation: DPOK with the learned reward" + f", {prompt}" * (prompt != RESULTS_PROMPT)
+
+
+def figure_name(name, prefix):
+    """overoptimisation.png for the first prompt; overoptimisation_blue.png for three blue squares"""
+    return name + ("" if prefix == "learned" else "_" + OVEROPTIMISATION[prefix][0].split()[1]) + ".png"
 
 
 def collapse_signs(row):
@@ -430,20 +446,20 @@ def value_figure(out, runs):
         figure.savefig(os.path.join(out, "value_function.png"), dpi=100, bbox_inches="tight")
 
 
-def hack_table(folders):
+def hack_table(folders, prompt=RESULTS_PROMPT):
     """What the learned reward and the judge say of eval samples with 1, 2, 3 and 4+ objects
     found (pooled over seeds): does the reward rate a wrong count as the judge does?"""
     reward = shapes.learned_reward()
     groups = {}  # (run, objects) -> [(learned, judge)]
     for run, paths in [("pretrained", list(folders.values())[0][:1]), *folders.items()]:
         for path in paths:
-            images = eval_tiles(path)[RESULTS_PROMPT, "pretrained" if run == "pretrained" else "finetuned"]
-            prompts = [RESULTS_PROMPT] * len(images)
+            images = eval_tiles(path)[prompt, "pretrained" if run == "pretrained" else "finetuned"]
+            prompts = [prompt] * len(images)
             scores = torch.stack([reward(images, prompts), shapes.shapes_reward(images, prompts)], 1)
             for s, score in zip(shapes.analyse(images, prompts), scores.tolist()):
                 groups.setdefault((run, min(s["objects"], 4)), []).append(score)
-    print("\nLearned reward / judge by the number of objects found (images: mean learned reward / "
-          "mean judge), last evaluation, seeds pooled\n\n| run | 1 | 2 | 3 | 4 or more |\n|---|---|---|---|---|")
+    print(f"\nLearned reward / judge by the number of objects found, {prompt} (images: mean learned "
+          "reward / mean judge), last evaluation, seeds pooled\n\n| run | 1 | 2 | 3 | 4 or more |\n|---|---|---|---|---|")
     for run in ["pretrained", *folders]:
         print(f"| {run} | " + " | ".join(
             f"{len(g)}: {sum(a for a, _ in g) / len(g):+.2f} / {sum(b for _, b in g) / len(g):+.2f}"
@@ -451,20 +467,25 @@ def hack_table(folders):
     return groups
 
 
-def overoptimisation_figure(out, evals):
-    """Gao et al. (2022)'s figure in miniature: the learned reward and the judge of the samples
+def overoptimisation_figure(out, evals, prefix="learned"):
+    """Gao et al. (2022)'s figure in miniature, for one prompt: the proxy (the learned reward,
+    trained on), the judge's mean and the gold measure (the exact rate: colour, count and every
+    shape right, which scores four squares for three as wrong where the judge gives half credit)
     against the KL bound from the pretrained model (and below, against the iteration), one line
-    per beta, a point per evaluation (mean +- std over seeds); and an eval grid: pretrained / beta 0 / the beta whose judge gained
-    most, the first 16 eval seeds of training seed 0, 4x nearest."""
+    per beta, a point per evaluation (mean +- std over seeds); and an eval grid: pretrained /
+    beta 0 / the beta whose gold measure gained most, the first 16 eval seeds of training seed 0,
+    4x nearest."""
     from matplotlib.figure import Figure
     from torchvision.utils import save_image
 
-    figure = Figure(figsize=(10, 8))
-    axes = figure.subplots(2, 2)  # columns: reward, judge; rows: against the KL, the iteration
-    best, best_judge = None, -float("inf")
-    for column, key in enumerate(("reward", "judge")):
-        for beta in BETAS:
-            points = sorted((k, rows) for (run, k), rows in evals.items() if run == f"learned_b{beta}")
+    prompt, betas = OVEROPTIMISATION[prefix]
+    figure = Figure(figsize=(15, 8))
+    figure.suptitle(prompt)
+    axes = figure.subplots(2, 3)  # columns: proxy, judge, gold; rows: against the KL, the iteration
+    best, best_gold = None, -float("inf")
+    for column, key in enumerate(("reward", "judge", "exact")):
+        for beta in betas:
+            points = sorted((k, rows) for (run, k), rows in evals.items() if run == f"{prefix}_b{beta}")
             if not points:
                 continue
             pre = mean_std([r[f"{key}_pretrained"] for r in points[0][1]])[0]
@@ -474,29 +495,31 @@ def overoptimisation_figure(out, evals):
                 axes[row, column].errorbar(
                     [m for m, _ in x], [m for m, _ in y], xerr=[s for _, s in x], yerr=[s for _, s in y],
                     marker="o", capsize=2, label=f"β = {beta}")
-            if key == "judge" and y[-1][0] > best_judge and beta != "0":
-                best, best_judge = beta, y[-1][0]
+            if key == "exact" and y[-1][0] > best_gold and beta != "0":
+                best, best_gold = beta, y[-1][0]
     for i, ax in enumerate(axes.flat):
-        row, column = divmod(i, 2)
+        row, column = divmod(i, 3)
         if row == 0:  # Gao et al. plot against the square root of the KL; ticks at squares
             ax.set_xscale("function", functions=(lambda v: v.clip(0) ** 0.5, lambda v: v**2))
             top = max(ax.get_xlim()[1], 1) ** 0.5
             step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500) if top / s <= 6)
             ax.set_xticks([(k * step) ** 2 for k in range(int(top / step) + 1)])
         ax.set(xlabel=("KL bound from the pretrained model (nats, √ axis)", "iteration")[row],
-               ylabel=("learned reward (trained on)", "judge: the analyser (held out)")[column])
+               ylabel=("proxy: learned reward (trained on)", "judge: the analyser's mean (held out)",
+                       "gold: exact rate (held out)")[column])
         ax.grid(alpha=0.3)
         ax.legend()
-    figure.savefig(os.path.join(out, "overoptimisation.png"), dpi=100, bbox_inches="tight")
+    figure.savefig(os.path.join(out, figure_name("overoptimisation", prefix)), dpi=100, bbox_inches="tight")
     last = {run: max(k for r, k in evals if r == run) for run, _ in evals}
     rows = []
-    for run in ("learned_b0", f"learned_b{best}"):
+    for run in (f"{prefix}_b0", f"{prefix}_b{best}"):
         if run in last and os.path.exists(folder := os.path.join(out, run + "_s0", f"eval_{last[run]:04d}")):
             tiles = eval_tiles(folder)
-            rows += [tiles[RESULTS_PROMPT, "pretrained"][:16]] * (not rows) + [tiles[RESULTS_PROMPT, "finetuned"][:16]]
+            rows += [tiles[prompt, "pretrained"][:16]] * (not rows) + [tiles[prompt, "finetuned"][:16]]
     if rows:
         grid = F.interpolate(torch.cat(rows), scale_factor=4, mode="nearest")
-        save_image(grid, os.path.join(out, "overoptimisation_eval.png"), nrow=min(16, len(rows[0])), pad_value=1)
+        save_image(grid, os.path.join(out, figure_name("overoptimisation_eval", prefix)),
+                   nrow=min(16, len(rows[0])), pad_value=1)
 
 
 def main(argv=None):

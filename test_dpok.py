@@ -1458,6 +1458,9 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
     seeds, two multi-prompt groups of one caption): every run evaluated at its points, on each of
     its groups, the tables and figures; a second call runs nothing."""
     monkeypatch.setattr(results, "BETAS", ("0.01",))
+    second = "three blue squares"  # the over-optimisation experiment's second prompt
+    monkeypatch.setattr(results, "OVEROPTIMISATION", {"learned": (results.RESULTS_PROMPT, ("0.01",)),
+                                                      "blue_learned": (second, ("0.01",))})
     monkeypatch.setattr(results, "SUPERVISED_GRID", [("3e-4", "1")])
     files = {group: tmp_path / f"{group}.txt" for group in ("trained", "unseen")}
     for group, path in files.items():
@@ -1467,7 +1470,7 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
     tables = results.reproduce(str(tmp_path / "results"), **reduced)
     tmp_path = tmp_path / "results"
     runs = results.results_runs([0], horizon=2, out=str(tmp_path), quick_seeds=[0])
-    assert sorted(runs) == ["learned_b0.01_s0", "multi_b0.001_s0", "multi_novalue_b0.001_s0",
+    assert sorted(runs) == ["blue_learned_b0.01_s0", "learned_b0.01_s0", "multi_b0.001_s0", "multi_novalue_b0.001_s0",
                             "multi_supervised_s0", "quick_b0.01_s0", "quick_lr3e-4_s0", "quick_s0",
                             "shapes_b0.01_s0",
                             "shapes_bf16_b0.01_s0",
@@ -1481,12 +1484,15 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
             for group in spec.get("groups", [""]):
                 result = json.load(open(results.evaluated(tmp_path / name, k, group)))["results"][0]
                 assert result["kl_bound"] > 0
-                assert result["prompt"] == (shapes.SPLIT[group][0] if group else results.RESULTS_PROMPT)
+                assert result["prompt"] == (shapes.SPLIT[group][0] if group else second
+                                            if name.startswith("blue") else results.RESULTS_PROMPT)
     assert runs["learned_b0.01_s0"]["evals"] == [1, 2]
     assert set(tables["Multi-prompt"]) == {(group, run) for group in files for run in (
         "multi_b0.001", "multi_novalue_b0.001", "multi_supervised")}
     learned = tables["Over-optimisation: DPOK with the learned reward"]
     assert set(learned) == {"learned_b0.01"} and "judge_gain" in learned["learned_b0.01"][0]
+    blue = tables[f"Over-optimisation: DPOK with the learned reward, {second}"]["blue_learned_b0.01"][0]
+    assert blue["prompt"] == second and 0 <= blue["exact_finetuned"] <= 1  # the analyser read its prompt
     out = capsys.readouterr().out
     assert "| learned_b0.01 | 2 | 1 |" in out and "| supervised_lr3e-4_g1 | 1 | 1 |" in out
     assert set(tables["Quick start"]) == set(results.QUICK)  # every seed of each recipe, in a row
@@ -1495,7 +1501,8 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
     assert "| unseen (1) | multi_novalue_b0.001 | 1 |" in out
     half = tables["Half precision: the quick start in float32 and bfloat16"]  # speed, rounding gap
     assert set(half) == {"shapes_b0.01", "shapes_bf16_b0.01"} and half["shapes_bf16_b0.01"][0]["seconds"] > 0
-    for figure in ("overoptimisation.png", "overoptimisation_eval.png", "value_function.png",
+    for figure in ("overoptimisation.png", "overoptimisation_eval.png", "overoptimisation_blue.png",
+                   "overoptimisation_eval_blue.png", "value_function.png",
                    "multi_prompt_eval.png", "collapse.png"):
         assert (tmp_path / figure).exists(), figure
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in runs}
