@@ -1608,7 +1608,7 @@ def test_sd2_architecture_with_v_prediction_trains_and_evaluates_through_the_mod
     assert ids[end + 1:].eq(0).all() and torch.equal(pooled[0], text["encoder_hidden_states"][0, end])
     pipe.to(dtype=torch.float16).save_pretrained(model)
     half = dpok.parse_args([*SD15, "--model", str(model), "--dtype", "float16", "--out", "unused"])
-    assert dpok.load_pipeline(half).vae.dtype == torch.float32  # as SDXL's pipeline keeps it
+    assert dpok.load_pipeline(half).vae.dtype == torch.float16  # as SD 2's pipeline runs it
     argv = [*SD15, "--model", str(model), "--iterations", "1", "--policy-steps", "1", "--grad-accum",
             "1", "--batch-size", "4", "--buffer-size", "12", "--value-batch-size", "6", "--lr", "1e-3",
             "--out", str(out)]
