@@ -284,7 +284,7 @@ def results_tables(out, runs):
     value_figure(out, runs)
     multi_prompt_figure(out, runs)
     collapse_figure(out, runs)
-    for prefix, (prompt, betas) in OVEROPTIMISATION.items():
+    for prefix, (prompt, _) in OVEROPTIMISATION.items():
         if overoptimisation_title(prefix) in tables:
             hack_table({run: [r["folder"] for r in rows] for run, rows in tables[
                 overoptimisation_title(prefix)].items()}, prompt)
