@@ -1467,9 +1467,14 @@ def test_results_command_runs_every_run_then_skips_what_is_done(tmp_path, monkey
         path.write_text(shapes.SPLIT[group][0] + "\n")
     monkeypatch.setattr(shapes, "PROMPT_FILES", {group: str(path) for group, path in files.items()})
     reduced = dict(seeds=[0], jobs=2, horizon=2, eval_samples=4, quick_seeds=[0])
+    # and lighter iterations: 4 images, one update of 8 transitions (the flags come last: they win)
+    lighter = ["--samples-per-iter", "4", "--policy-steps", "1", "--grad-accum", "1", "--batch-size", "8"]
+    results_runs = results.results_runs
+    monkeypatch.setattr(results, "results_runs", lambda *a, **k: {
+        name: dict(spec, flags=spec["flags"] + lighter) for name, spec in results_runs(*a, **k).items()})
     tables = results.reproduce(str(tmp_path / "results"), **reduced)
     tmp_path = tmp_path / "results"
-    runs = results.results_runs([0], horizon=2, out=str(tmp_path), quick_seeds=[0])
+    runs = results_runs([0], horizon=2, out=str(tmp_path), quick_seeds=[0])
     assert sorted(runs) == ["blue_learned_b0.01_s0", "learned_b0.01_s0", "multi_b0.001_s0", "multi_novalue_b0.001_s0",
                             "multi_supervised_s0", "quick_b0.01_s0", "quick_lr3e-4_s0", "quick_s0",
                             "shapes_b0.01_s0",
@@ -1756,15 +1761,15 @@ def torchrun(*argv):
 def test_two_rank_resume_equals_straight_run_and_needs_the_same_number_of_ranks(tmp_path, capsys):
     """(That two ranks learn follows from the union test above and the one-process learning
     tests.)"""
-    for argv in (["--iterations", "4", "--out", str(tmp_path / "a")],
-                 ["--iterations", "2", "--out", str(tmp_path / "b")],
-                 ["--iterations", "4", "--out", str(tmp_path / "b"), "--resume"]):
+    for argv in (["--iterations", "2", "--out", str(tmp_path / "a")],
+                 ["--iterations", "1", "--out", str(tmp_path / "b")],
+                 ["--iterations", "2", "--out", str(tmp_path / "b"), "--resume"]):
         with torchrun(*argv) as proc:
             summary, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert summary.count("dpok: reward") == 1  # rank 0 alone prints
         assert err.count("tiny-shapes on cpu (float32, 2 processes)") == 1
-    assert [m["iteration"] for m in numbers(tmp_path / "a" / "metrics.jsonl")] == list(range(4))
+    assert [m["iteration"] for m in numbers(tmp_path / "a" / "metrics.jsonl")] == list(range(2))
     assert numbers(tmp_path / "a" / "metrics.jsonl") == numbers(tmp_path / "b" / "metrics.jsonl")
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
     assert len(a["ranks"]) == 2
