@@ -1412,7 +1412,7 @@ def test_eval_compares_pretrained_and_finetuned_on_the_same_seeds(runs, tmp_path
     pipe = dpok.load_pipeline(tiny_args(out="unused"))
     dpok.add_lora(pipe.unet, 4)
     dpok.save_lora(pipe.unet, str(untouched))
-    assert dpok.main([*argv[:4], str(untouched), *argv[5:]]) == 0
+    assert dpok.main([*argv[:4], str(untouched), "--eval-samples", "4", *argv[7:]]) == 0
     result = json.load(open(tmp_path / "eval" / "eval.json"))["results"][0]
     assert result["reward_finetuned"] == result["reward_pretrained"] and result["kl_bound"] == 0
 
@@ -1565,7 +1565,7 @@ def loads_back_weight_for_weight(pipeline_class, model, out):
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd15") / "model"
-    architectures.sd15_pipeline(sample_size=16).to(dtype=torch.float16).save_pretrained(folder)
+    architectures.sd15_pipeline(sample_size=8).to(dtype=torch.float16).save_pretrained(folder)
     return folder
 
 
