@@ -911,7 +911,7 @@ def test_the_multi_prompt_split_is_by_colour_and_shape_and_its_files_are_in_the_
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The README's first command at 75 of its 120 iterations with 8 images per iteration, not 16
-    (a quarter less time; `python results.py` remakes the quick start itself at 10 seeds), and the
+    (a fifth less time, 231 -> 190 s; `python results.py` remakes the quick start at 10 seeds), and the
     same with beta = 10 for 6 iterations."""
     out = {}
     for beta, iterations in (("default", "75"), ("10", "6")):
