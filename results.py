@@ -10,7 +10,9 @@ Then the tables (markdown, mean +- std over seeds) and the figures. `python resu
 
 import json
 import os
+import shlex
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -138,31 +140,48 @@ def evaluated(folder, k, group=""):
 
 
 def run_experiment(folder, spec, eval_samples, threads):
+    """Run `experiment` in a process of its own (its signals, its threads), which imports dpok
+    once for all of the run's trainings and evaluations; its output goes to the run's log."""
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(
+        target=experiment, args=(folder, spec, eval_samples, threads))
+    process.start()
+    process.join()
+    if process.exitcode:
+        raise RuntimeError(f"exit code {process.exitcode}")
+
+
+def experiment(folder, spec, eval_samples, threads):
     """Train to each evaluation point in turn (resuming, which is exact) and evaluate there on
     the same eval_samples seeds (eval --seed 0) as every other run."""
-    import subprocess
-    import sys
+    import dpok
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    dpok = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpok.py"),
-            "--tiny", "--reward", spec["reward"]]
+    torch.set_num_threads(threads)
+    log = open(folder + ".log", "a")
+    os.dup2(log.fileno(), 1)  # what dpok and its progress bars print
+    os.dup2(log.fileno(), 2)
+    tiny = ["--tiny", "--reward", spec["reward"]]
     groups = {group: ["--prompts", path] for group, path in spec.get("groups", {}).items()}
     groups = groups or {"": spec.get("prompt", ["--prompt", RESULTS_PROMPT])}  # its own prompt
     # on the 36 captions of the groups a quarter of the single prompt's seeds each (64: 16)
     samples = str(max(2, eval_samples // 4) if spec.get("groups") else eval_samples)
-    with open(folder + ".log", "a") as log:
-        for k in spec["evals"]:
-            todo = [group for group in groups if not os.path.exists(evaluated(folder, k, group))]
-            if not todo:
-                continue
-            again = "--resume" if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "--overwrite"
-            commands = [dpok + spec.get("prompt", ["--prompt", RESULTS_PROMPT]) + spec["flags"]
-                        + ["--iterations", str(k), "--out", folder, again]]
-            commands += [dpok + groups[group] + ["--eval", folder, "--eval-samples", samples,
-                                                  "--out", os.path.dirname(evaluated(folder, k, group))]
-                         for group in todo]
-            for command in commands:
-                subprocess.run(command, stdout=log, stderr=log, env=env, check=True)
+    for k in spec["evals"]:
+        todo = [group for group in groups if not os.path.exists(evaluated(folder, k, group))]
+        if not todo:
+            continue
+        again = "--resume" if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "--overwrite"
+        commands = [tiny + spec.get("prompt", ["--prompt", RESULTS_PROMPT]) + spec["flags"]
+                    + ["--iterations", str(k), "--out", folder, again]]
+        commands += [tiny + groups[group] + ["--eval", folder, "--eval-samples", samples,
+                                             "--out", os.path.dirname(evaluated(folder, k, group))]
+                     for group in todo]
+        for command in commands:
+            print("dpok.py " + shlex.join(command), flush=True)
+            code = dpok.main(command)
+            sys.stdout.flush()
+            if code:
+                raise SystemExit(code)
 
 
 def reproduce(out, seeds=(0, 1, 2), jobs=2, horizon=300, eval_samples=64, quick_seeds=range(10)):
@@ -525,7 +544,6 @@ def overoptimisation_figure(out, evals, prefix="learned"):
 def main(argv=None):
     """The command line; bad input is one line, exit 2, before any run starts or file is written."""
     import argparse
-    import sys
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
