@@ -1003,7 +1003,7 @@ def test_a_run_whose_samples_score_nearly_alike_is_called_collapsed(tmp_path, ca
 
 
 @slow
-def test_summary_is_the_last_line(runs, capsys, tmp_path):
+def test_summary_is_the_last_line(capsys, tmp_path):
     dpok.main(["--tiny", "--prompt", PROMPT, "--out", str(tmp_path / "r"), "--iterations", "2"])
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("dpok: reward ") and "->" in out[-1]
