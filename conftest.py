@@ -3,9 +3,9 @@ runs that train, the subprocesses, the real architectures and the Results comman
 `pytest --device cuda` runs the tests that take the `device` fixture, and only those, on that
 device (the sampler, the rollout, the importance ratio in half precision, gradient accumulation
 and a short run on the GPU); without the option every test runs on the CPU.
-`pytest -n 2 --dist loadgroup` (pytest-xdist) runs the suite on two workers of one thread each, which on two cores
-finishes sooner than one process of two threads (a tiny-world iteration: 3.4 s on one thread,
-2.6 s on two); the numbers are the same at either thread count."""
+`pytest -n 2 --dist loadgroup` (pytest-xdist) runs the suite on two workers of one thread each,
+which on two cores finishes sooner than one process of two threads (a tiny-world iteration: 3.4 s
+on one thread, 2.6 s on two); the numbers are the same at either thread count."""
 
 import os
 
